@@ -1,0 +1,284 @@
+"""Walk-jump engine: a batch of long-run chains on one device (THEORY sections 4-5).
+
+The chains are grouped in fixed-size *blocks*; chain ``c`` is index ``c % block_size`` of block
+``c // block_size``. All randomness is drawn per block from ``mmgm_ray.rng.BlockRNG`` keyed by
+(run seed, block id, step, stream), so a chain's noise depends only on (run seed, chain id) and a
+restart, a different actor or a different grouping of blocks into batches sees the same noise.
+
+Walks:
+- ``"reduced"``: the exact reduced walk on (ybar, vbar) in R^{2d} (universal models only), with
+  psi_bar = (g(ybar) - ybar) / sigma^2 and xi_bar ~ N(0, I/M); state M times smaller.
+- ``"full"``: the walk on (y, v) in R^{2Md} for any score model (MDAE, MEM^2, universal).
+
+Every ``jump_every`` steps the engine emits the jump xhat computed by that step's score evaluation
+(for A-B-O-B-A at the half-step position, for Cheng and ULA at the step's start). A chain whose
+state, score or jump becomes non-finite, or whose |y|_inf exceeds the threshold, is *diverged*: it
+is reported once as a ``DivergenceEvent``, its state is zeroed and frozen, and it never emits again.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from mmgm_ray import rng as rng_mod
+from mmgm_ray.config import SamplerConfig
+from mmgm_ray.integrators import (NOISE_DRAWS, IntegratorParams, LangevinState, ScoreOutput,
+                                  get_integrator)
+from mmgm_ray.jumps import DivergenceEvent, JumpBatch
+from mmgm_ray.models import ScoreModel
+
+STATE_VERSION = 1
+
+
+class WalkJumpEngine:
+    """Many walk-jump chains in one batch.
+
+    Args:
+        model: a score model (``mmgm_ray.models`` / ``mmgm_ray.oracles``); put it on ``device`` first.
+        sampler: integrator, walk, delta, gamma, u, friction, jump_every, init, block_size, threshold.
+        event_shape: shape of one sample x, e.g. (1, 8, 8) or (d,).
+        run_seed: the run's seed; with the block ids it determines every draw.
+        block_ids: the blocks this engine holds, in batch order (any order, any subset).
+        device: where the state lives and noise is drawn.
+        shared_full_noise: reduced walk only; draw full (M, *event) noise and average it over m instead
+            of drawing N(0, I/M) directly. Makes a reduced walk follow the full walk with the same seed
+            to round-off (a test hook; M times more random numbers).
+        autocast_dtype: e.g. torch.bfloat16 to evaluate the network under autocast (state stays fp32).
+    """
+
+    def __init__(self, model: ScoreModel, sampler: SamplerConfig, event_shape: Sequence[int],
+                 run_seed: int, block_ids: Sequence[int], device: str | torch.device = "cpu",
+                 shared_full_noise: bool = False, autocast_dtype: Optional[torch.dtype] = None):
+        sampler.validate()
+        self.model = model
+        self.cfg = sampler
+        self.event_shape = tuple(int(s) for s in event_shape)
+        if not self.event_shape or any(s < 1 for s in self.event_shape):
+            raise ValueError(f"event_shape must be non-empty positive sizes, got {event_shape!r}")
+        if getattr(model, "event_shape", None) not in (None, self.event_shape):
+            raise ValueError(f"event_shape {self.event_shape} does not match the model's {model.event_shape}")
+        self.block_ids = [int(b) for b in block_ids]
+        if not self.block_ids or len(set(self.block_ids)) != len(self.block_ids) or min(self.block_ids) < 0:
+            raise ValueError(f"block_ids must be distinct non-negative integers, got {list(block_ids)!r}")
+        if sampler.walk == "reduced" and not model.universal:
+            raise ValueError("walk='reduced' needs a universal model; use walk='full' for MDAE / MEM^2")
+        self.sigma, self.M = model.sigma, model.M
+        self.params = IntegratorParams.create(sampler.resolved_delta(self.sigma), sampler.gamma,
+                                              sampler.u, sampler.friction)
+        self.integrator = get_integrator(sampler.integrator)
+        self.n_draws = NOISE_DRAWS[sampler.integrator]
+        self.device = torch.device(device)
+        self.rng = rng_mod.BlockRNG(run_seed, self.device)
+        self.run_seed = int(run_seed)
+        self.bs = sampler.block_size
+        self.shared_full_noise = bool(shared_full_noise)
+        self.autocast_dtype = autocast_dtype
+        self.n_chains = self.bs * len(self.block_ids)
+        blocks = torch.tensor(self.block_ids, dtype=torch.int64, device=self.device)
+        self.block_of_chain = blocks.repeat_interleave(self.bs)
+        self.chain_ids = self.block_of_chain * self.bs + torch.arange(self.bs, device=self.device).repeat(len(self.block_ids))
+        self.state: Optional[LangevinState] = None
+        self.alive = torch.ones(self.n_chains, dtype=torch.bool, device=self.device)
+        self.step = 0
+        self.divergences: list[DivergenceEvent] = []
+
+    # ---- shapes ---------------------------------------------------------------------------
+    @property
+    def reduced(self) -> bool:
+        return self.cfg.walk == "reduced"
+
+    def _chain_shape(self) -> tuple[int, ...]:
+        return self.event_shape if self.reduced else (self.M, *self.event_shape)
+
+    def state_bytes_per_chain(self) -> int:
+        """Bytes of (y, v) per chain."""
+        return 2 * 4 * math.prod(self._chain_shape())
+
+    # ---- initialization -------------------------------------------------------------------
+    def initialize(self, data: Optional[torch.Tensor] = None) -> None:
+        """Chains start at x0 (uniform on [0,1]^d as in MMGM's code, data points, or 0), y_m = x0 + sigma eps_m, v = 0."""
+        init = self.cfg.init
+        if init == "uniform":
+            x0 = self.rng.uniform(self.block_ids, 0, rng_mod.STREAM_INIT_X, (self.bs, *self.event_shape))
+        elif init == "zeros":
+            x0 = torch.zeros(self.n_chains, *self.event_shape, device=self.device)
+        elif init == "data":
+            if data is None or data.shape[0] == 0:
+                raise ValueError("sampler.init='data' needs a non-empty data tensor")
+            if tuple(data.shape[1:]) != self.event_shape:
+                raise ValueError(f"data shape {tuple(data.shape[1:])} does not match event_shape {self.event_shape}")
+            idx = self.rng.randint(self.block_ids, 0, rng_mod.STREAM_INIT_INDEX, data.shape[0], self.bs)
+            x0 = data.to(self.device, torch.float32)[idx.to(data.device) if data.device != self.device else idx]
+        else:
+            raise ValueError(f"unknown sampler.init {init!r}")
+        full_eps = not self.reduced or self.shared_full_noise
+        eps_shape = (self.bs, self.M, *self.event_shape) if full_eps else (self.bs, *self.event_shape)
+        eps = self.rng.normal(self.block_ids, 0, rng_mod.STREAM_INIT_EPS, eps_shape)
+        if self.reduced:
+            y = x0 + (self.sigma * eps.mean(1) if full_eps else self.model.noise.sigma_eff * eps)
+        else:
+            y = x0.unsqueeze(1) + self.sigma * eps
+        self.state = LangevinState(y.contiguous(), torch.zeros_like(y))
+        self.alive = torch.ones(self.n_chains, dtype=torch.bool, device=self.device)
+        self.step = 0
+        self.divergences = []
+
+    # ---- one step -------------------------------------------------------------------------
+    def _noise(self, step: int) -> torch.Tensor:
+        shape = self._chain_shape()
+        if self.reduced and self.shared_full_noise:
+            shape = (self.M, *self.event_shape)
+        lead = (self.n_draws,) if self.n_draws > 1 else ()
+        # Draws are laid out per block as (bs, [draws,] *shape) so the block's stream is fixed.
+        block_shape = (self.bs, *lead, *shape)
+        xi = self.rng.normal(self.block_ids, step, rng_mod.STREAM_WALK, block_shape)
+        if self.reduced:
+            if self.shared_full_noise:
+                xi = xi.mean(dim=1 + len(lead))       # mean over m: exactly N(0, I/M)
+            else:
+                xi = xi / math.sqrt(self.M)
+        if self.n_draws > 1:
+            xi = xi.movedim(1, 0)                     # (draws, N, *shape) as the integrator expects
+        return xi
+
+    def _score_fn(self) -> Callable[[torch.Tensor], ScoreOutput]:
+        fn = self.model.reduced_score if self.reduced else self.model.score
+        if self.autocast_dtype is None:
+            return fn
+
+        def wrapped(y):
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+                out = fn(y)
+            return ScoreOutput(out.psi.float(), out.xhat.float())
+        return wrapped
+
+    def _check_divergence(self, out: ScoreOutput) -> None:
+        y, v = self.state
+        flat_y = y.reshape(self.n_chains, -1)
+        finite = (torch.isfinite(flat_y).all(1) & torch.isfinite(v.reshape(self.n_chains, -1)).all(1)
+                  & torch.isfinite(out.xhat.reshape(self.n_chains, -1)).all(1)
+                  & torch.isfinite(out.psi.reshape(self.n_chains, -1)).all(1))
+        exploding = flat_y.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).amax(1) > self.cfg.divergence_threshold
+        bad = (~finite | exploding) & self.alive
+        if not bool(bad.any()):
+            return
+        idx = torch.nonzero(bad).flatten().tolist()
+        fin = finite.tolist()
+        for i in idx:
+            self.divergences.append(DivergenceEvent(int(self.chain_ids[i]), int(self.block_of_chain[i]),
+                                                    self.step, "non-finite" if not fin[i] else "exploding"))
+        self.alive &= ~bad
+        # Freeze diverged chains at 0 so NaN/inf never reaches the batch's arithmetic again.
+        mask = self.alive.reshape(-1, *([1] * (y.dim() - 1)))
+        self.state = LangevinState(torch.where(mask, y, 0.0), torch.where(mask, v, 0.0))
+
+    def step_once(self) -> Optional[JumpBatch]:
+        """Advance every chain one walk step; return the jumps if this step is a jump step."""
+        if self.state is None:
+            raise RuntimeError("call initialize() or load_state_dict() first")
+        noise = self._noise(self.step + 1)
+        with torch.no_grad():
+            new_state, out = self.integrator(self.state, self._score_fn(), self.params, noise)
+        self.state = new_state
+        self.step += 1
+        self._check_divergence(out)
+        if self.step % self.cfg.jump_every != 0:
+            return None
+        keep = self.alive
+        psi = out.psi.reshape(self.n_chains, -1)
+        v = self.state.v.reshape(self.n_chains, -1)
+        n = int(keep.sum())
+        step_t = torch.full((n,), self.step, dtype=torch.int64, device=self.device)
+        return JumpBatch(
+            chain_id=self.chain_ids[keep],
+            block_id=self.block_of_chain[keep],
+            step=step_t,
+            jump_index=step_t // self.cfg.jump_every - 1,
+            xhat=out.xhat.detach()[keep].float(),
+            score_norm=psi[keep].norm(dim=1).float(),
+            kinetic=(0.5 / self.params.u) * v[keep].pow(2).sum(1).float(),
+        )
+
+    def run(self, n_steps: int) -> Iterator[JumpBatch]:
+        """Advance ``n_steps`` walk steps, yielding each jump batch as it is produced."""
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        for _ in range(n_steps):
+            jb = self.step_once()
+            if jb is not None:
+                yield jb
+
+    def run_collect(self, n_steps: int) -> Optional[JumpBatch]:
+        """Advance ``n_steps`` and return all jumps concatenated (None if there were none)."""
+        batches = list(self.run(n_steps))
+        return JumpBatch.cat(batches) if batches else None
+
+    # ---- save / restore -------------------------------------------------------------------
+    def _header(self) -> dict:
+        return {"version": STATE_VERSION, "run_seed": self.run_seed, "block_size": self.bs,
+                "walk": self.cfg.walk, "M": self.M, "event_shape": list(self.event_shape)}
+
+    def state_dict(self, block_ids: Optional[Sequence[int]] = None) -> dict:
+        """Exact chain state (positions, velocities, alive flags, step; the RNG is counter-based).
+
+        With ``block_ids`` only those blocks are included (per-block checkpoints of the pool).
+        Tensors are returned on the CPU.
+        """
+        if self.state is None:
+            raise RuntimeError("engine not initialized")
+        blocks = self.block_ids if block_ids is None else [int(b) for b in block_ids]
+        rows = self._rows(blocks)
+        return {**self._header(), "step": self.step, "block_ids": blocks,
+                "y": self.state.y[rows].cpu().clone(), "v": self.state.v[rows].cpu().clone(),
+                "alive": self.alive[rows].cpu().clone()}
+
+    def _rows(self, blocks: Sequence[int]) -> torch.Tensor:
+        pos = {b: i for i, b in enumerate(self.block_ids)}
+        missing = [b for b in blocks if b not in pos]
+        if missing:
+            raise ValueError(f"blocks {missing} are not held by this engine")
+        return torch.cat([torch.arange(pos[b] * self.bs, (pos[b] + 1) * self.bs, device=self.device)
+                          for b in blocks])
+
+    def load_state_dict(self, sd: dict, block_ids: Optional[Sequence[int]] = None) -> None:
+        """Restore a state written by ``state_dict`` (whole engine, or some of its blocks).
+
+        All restored blocks must share one step; the header (seed, block size, walk, M, shape)
+        must match, or ValueError says which field differs.
+        """
+        header = self._header()
+        for key, val in header.items():
+            if sd.get(key) != val:
+                raise ValueError(f"checkpoint {key}={sd.get(key)!r} does not match engine {key}={val!r}")
+        blocks = list(sd["block_ids"]) if block_ids is None else [int(b) for b in block_ids]
+        if list(sd["block_ids"]) != blocks:
+            raise ValueError(f"checkpoint holds blocks {sd['block_ids']}, asked to restore {blocks}")
+        if self.state is None:
+            if sorted(blocks) != sorted(self.block_ids):
+                raise ValueError("restore into a fresh engine needs every block it holds")
+            shape = (self.n_chains, *self._chain_shape())
+            self.state = LangevinState(torch.zeros(shape, device=self.device),
+                                       torch.zeros(shape, device=self.device))
+            self.step = int(sd["step"])
+        elif int(sd["step"]) != self.step:
+            raise ValueError(f"checkpoint is at step {sd['step']}, engine at step {self.step}")
+        rows = self._rows(blocks)
+        expect = (len(rows), *self._chain_shape())
+        if tuple(sd["y"].shape) != expect or tuple(sd["v"].shape) != expect:
+            raise ValueError(f"checkpoint state shape {tuple(sd['y'].shape)} != expected {expect}")
+        y, v = self.state.y.clone(), self.state.v.clone()
+        y[rows] = sd["y"].to(self.device, y.dtype)
+        v[rows] = sd["v"].to(self.device, v.dtype)
+        self.state = LangevinState(y, v)
+        self.alive[rows] = sd["alive"].to(self.device)
+        self.step = int(sd["step"])
+
+
+def chain_blocks(num_chains: int, block_size: int) -> list[int]:
+    """Block ids covering ``num_chains`` chains (the last block may hold a few extra chains)."""
+    if num_chains < 1 or block_size < 1:
+        raise ValueError("num_chains and block_size must be >= 1")
+    return list(range(math.ceil(num_chains / block_size)))

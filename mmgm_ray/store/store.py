@@ -1,0 +1,450 @@
+"""``SampleStore`` (where a run's files live), ``BlockWriter`` (exactly-once Parquet parts for one
+block) and the block checkpoints that tie writer state to chain state.
+
+Layout under ``{root}/{run_id}/``::
+
+    manifest.json                                          run manifest (mmgm_ray.store.manifest)
+    samples/block={block_id:06d}/part-{seq:06d}.parquet    schema v1 parts, seq = 0, 1, 2, ... per block
+    checkpoints/block={block_id:06d}/checkpoint.pt         latest block checkpoint (tensors + meta)
+
+Exactly-once contract (what the chain pool must do), for each block:
+
+1. Start or restart: ``writer = store.writer(block_id)``; ``ck = writer.resume()``. ``resume`` loads
+   the block checkpoint, deletes every part with ``seq >= state["next_seq"]`` (written by a dead
+   actor after its last checkpoint; also stale hidden temp files) and returns ``(tensors, meta)``,
+   or ``None`` for a fresh block (then ALL parts of the block are deleted: none was committed).
+2. Walk: ``writer.add(jump_batch)`` / ``writer.add_divergences(events)`` in engine order. Parts roll
+   deterministically (``rows_per_file`` rows, or a new file when ``(step-1)//steps_per_file`` changes).
+3. Checkpoint at walk step t: ``writer.checkpoint(chain_tensors, meta)`` = ``flush()`` (every row with
+   step <= t is now in a finished part) + ONE atomic file holding the chain tensors, ``meta`` and the
+   writer ``state()``. Nothing else needs saving.
+4. After a crash, step 1 then rerunning the deterministic chains from the checkpoint rewrites the same
+   part names with identical contents: no row lost, none duplicated.
+
+Parts written after the last checkpoint are "uncommitted": they exist on storage until the block is
+restored or finished. The manifest lists only committed files, and readers that go through the
+manifest (:func:`mmgm_ray.store.open_dataset`) see exactly the committed rows. A zombie writer (an
+actor that was killed but still runs for a moment) can only produce names that the restarted writer
+rewrites with identical bytes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmgm_ray.config import StoreConfig
+from mmgm_ray.store import fsutil
+from mmgm_ray.store.schema import (
+    check_dtype,
+    divergences_to_table,
+    jumps_to_table,
+    normalize_shape,
+    sample_schema,
+)
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+_PART = re.compile(r"^part-(\d{6,})\.parquet$")
+
+STATE_VERSION = 1
+CHECKPOINT_FORMAT = "mmgm.block_checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _check_block_id(block_id: int) -> int:
+    if isinstance(block_id, bool) or not isinstance(block_id, (int, np.integer)) or block_id < 0:
+        raise ValueError(f"block_id must be an int >= 0, got {block_id!r}")
+    return int(block_id)
+
+
+class SampleStore:
+    """Where one run's samples, checkpoints and manifest live, and how they are written.
+
+    Args:
+        root: a local path or fsspec URL (``file://``, ``s3://``, ``gs://``, ``memory://``, ...);
+            the run lives under ``{root}/{run_id}``. ``memory://`` is per process: files written by a
+            Ray actor there are invisible to the driver, so use it only within one process (tests).
+        run_id: folder name of the run (letters, digits, ``._=+-``; not starting with '.' or '_',
+            which pyarrow.dataset would hide).
+        event_shape: shape of one sample, e.g. ``(1, 28, 28)``.
+        config: :class:`mmgm_ray.config.StoreConfig` (sample dtype, rolling, compression).
+        sample_dtype: overrides ``config.sample_dtype`` when given.
+        storage_options: passed to ``fsspec.core.url_to_fs`` (credentials, endpoint_url, ...).
+        check_writable: create the run folder and write+delete a probe file now, raising
+            :class:`StoreNotWritableError` before any chain runs.
+
+    Instances pickle (fsspec file systems do), so a Ray driver can hand one to its actors.
+    """
+
+    def __init__(self, root: str, run_id: str, *, event_shape: Sequence[int],
+                 config: StoreConfig | None = None, sample_dtype: str | None = None,
+                 storage_options: dict | None = None, check_writable: bool = True):
+        if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+            raise ValueError(f"run_id {run_id!r} must match {_RUN_ID.pattern}")
+        self.config = config if config is not None else StoreConfig()
+        self.config.validate()
+        self.event_shape = normalize_shape(event_shape)
+        self.sample_dtype = check_dtype(sample_dtype or self.config.sample_dtype)
+        self.root = str(root).rstrip("/")
+        self.run_id = run_id
+        self.url = f"{self.root}/{run_id}"
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.path = fsutil.resolve(self.url, self.storage_options)
+        self.schema = sample_schema(run_id, self.event_shape, self.sample_dtype)
+        if check_writable:
+            fsutil.check_writable(self.fs, self.path, self.url)
+
+    def __repr__(self) -> str:
+        return (f"SampleStore({self.url!r}, shape={self.event_shape}, dtype={self.sample_dtype}, "
+                f"rows_per_file={self.config.rows_per_file}, steps_per_file={self.config.steps_per_file})")
+
+    # ---- paths (run-relative names are what manifests and writer states record) ----------------
+
+    @staticmethod
+    def block_relpath(block_id: int) -> str:
+        """``samples/block=NNNNNN`` (run-relative)."""
+        return f"samples/block={_check_block_id(block_id):06d}"
+
+    @classmethod
+    def part_relpath(cls, block_id: int, seq: int) -> str:
+        """``samples/block=NNNNNN/part-SSSSSS.parquet`` (run-relative)."""
+        return f"{cls.block_relpath(block_id)}/part-{int(seq):06d}.parquet"
+
+    def abspath(self, relpath: str) -> str:
+        """File-system path (no protocol) of a run-relative name."""
+        return posixpath.join(self.path, relpath)
+
+    def url_of(self, relpath: str) -> str:
+        """Full URL of a run-relative name."""
+        return f"{self.url}/{relpath}"
+
+    @property
+    def samples_path(self) -> str:
+        return self.abspath("samples")
+
+    @property
+    def manifest_path(self) -> str:
+        return self.abspath("manifest.json")
+
+    def checkpoint_path(self, block_id: int) -> str:
+        return self.abspath(f"checkpoints/block={_check_block_id(block_id):06d}/checkpoint.pt")
+
+    # ---- listing / io --------------------------------------------------------------------------
+
+    def list_blocks(self) -> list[int]:
+        """Block ids that have a folder under ``samples/``."""
+        out = []
+        for name in fsutil.list_names(self.fs, self.samples_path):
+            if name.startswith("block="):
+                try:
+                    out.append(int(name[len("block="):]))
+                except ValueError:
+                    pass
+        return sorted(out)
+
+    def list_parts(self, block_id: int | None = None) -> list[str]:
+        """Run-relative names of the visible parts (one block, or all blocks), sorted.
+
+        This is what is on storage, committed or not; see :func:`mmgm_ray.store.open_dataset` for
+        the committed view.
+        """
+        blocks = [block_id] if block_id is not None else self.list_blocks()
+        out = []
+        for b in blocks:
+            names = fsutil.list_names(self.fs, self.abspath(self.block_relpath(b)))
+            out += [f"{self.block_relpath(b)}/{n}" for n in names if _PART.match(n)]
+        return out
+
+    def write_parquet(self, table: pa.Table, relpath: str) -> None:
+        """Write ``table`` (schema v1) atomically at ``relpath``."""
+        if not table.schema.equals(self.schema, check_metadata=True):
+            raise ValueError(f"table schema does not match the store schema:\n{table.schema}\nvs\n{self.schema}")
+        comp = self.config.compression
+        comp = None if comp in ("none", "uncompressed") else comp
+        fsutil.atomic_write(self.fs, self.abspath(relpath),
+                            lambda f: pq.write_table(table, f, compression=comp))
+
+    def read_part(self, relpath: str) -> pa.Table:
+        """Read one part file as a table."""
+        with self.fs.open(self.abspath(relpath), "rb") as f:
+            return pq.read_table(f)
+
+    def writer(self, block_id: int) -> "BlockWriter":
+        """A :class:`BlockWriter` for ``block_id`` (call ``resume()`` or ``restore()`` before writing)."""
+        return BlockWriter(self, block_id)
+
+
+class BlockWriter:
+    """Buffers one block's JumpBatches and divergence rows and writes them as deterministic parts.
+
+    Not thread-safe; one writer per block at a time (Ray gives each block to one actor).
+
+    Rolling: a part is written as soon as ``rows_per_file`` rows are buffered (exactly that many
+    rows), and, when ``steps_per_file > 0``, whenever a row's window ``(step-1)//steps_per_file``
+    differs from the buffered rows' window. ``flush()`` writes whatever is buffered.
+
+    Failure: a write error (e.g. :class:`StoreFullError`) leaves the rows in the buffer and the
+    counters unchanged; nothing partial is visible. Retry with ``flush()`` (never re-``add`` the
+    same batch: it is already buffered).
+    """
+
+    def __init__(self, store: SampleStore, block_id: int):
+        self.store = store
+        self.block_id = _check_block_id(block_id)
+        self._reset(self.initial_state())
+        self._checked_clean = False  # first write verifies no parts of an earlier attempt remain
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def initial_state(self) -> dict:
+        """The state of a block with nothing committed."""
+        return {"version": STATE_VERSION, "block_id": self.block_id, "next_seq": 0, "files": [],
+                "rows_written": 0, "last_step": None, "divergences": 0}
+
+    def _reset(self, state: dict) -> None:
+        self._next_seq = int(state["next_seq"])
+        self._files = list(state["files"])
+        self._rows_written = int(state["rows_written"])
+        self._last_step = state.get("last_step")
+        self._divergences = int(state.get("divergences", 0))
+        self._buf: list[pa.Table] = []
+        self._buf_rows = 0
+        self._window: int | None = None
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def files(self) -> list[str]:
+        """Run-relative names of the parts this writer has finished (committed or not)."""
+        return list(self._files)
+
+    @property
+    def buffered_rows(self) -> int:
+        return self._buf_rows
+
+    @property
+    def rows_written(self) -> int:
+        return self._rows_written
+
+    def state(self) -> dict:
+        """Small JSON-able dict: {version, block_id, next_seq, files, rows_written, last_step, divergences}.
+
+        Raises RuntimeError while rows are buffered: a state that omitted them would lose them after
+        a restore. Call ``flush()`` first (``checkpoint()`` does).
+        """
+        if self._buf_rows:
+            raise RuntimeError(f"block {self.block_id}: {self._buf_rows} rows are buffered; "
+                               f"call flush() before state()")
+        return {"version": STATE_VERSION, "block_id": self.block_id, "next_seq": self._next_seq,
+                "files": list(self._files), "rows_written": self._rows_written,
+                "last_step": self._last_step, "divergences": self._divergences}
+
+    def manifest_entry(self, status: str = "running") -> dict:
+        """Per-block manifest entry {files, rows, last_step, divergences, status} for the flushed state."""
+        st = self.state()
+        return {"files": st["files"], "rows": st["rows_written"], "last_step": st["last_step"],
+                "divergences": st["divergences"], "status": status}
+
+    def restore(self, state: dict) -> None:
+        """Return to ``state`` (from ``state()``): delete this block's parts with seq >= next_seq and
+        stale hidden temp files, drop the buffer, continue writing at next_seq.
+
+        Raises RuntimeError if a part the state lists is missing (committed data lost elsewhere).
+        """
+        if int(state.get("version", 0)) != STATE_VERSION:
+            raise ValueError(f"unsupported writer state version {state.get('version')!r}")
+        if int(state["block_id"]) != self.block_id:
+            raise ValueError(f"writer state is for block {state['block_id']}, this writer is block {self.block_id}")
+        next_seq = int(state["next_seq"])
+        fs = self.store.fs
+        folder = self.store.abspath(self.store.block_relpath(self.block_id))
+        present = set()
+        for name in fsutil.list_names(fs, folder):
+            m = _PART.match(name)
+            if m and int(m.group(1)) >= next_seq:
+                fs.rm(posixpath.join(folder, name))  # written after the last checkpoint
+            elif m:
+                present.add(f"{self.store.block_relpath(self.block_id)}/{name}")
+            elif name.startswith(".") and name.endswith(".tmp"):
+                fs.rm(posixpath.join(folder, name))  # temp file of a writer that died mid-write
+        missing = [f for f in state["files"] if f not in present]
+        if missing:
+            raise RuntimeError(f"block {self.block_id}: checkpointed parts are missing from "
+                               f"{self.store.url}: {missing}")
+        self._reset(state)
+        self._checked_clean = True
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def add(self, batch) -> None:
+        """Buffer a :class:`mmgm_ray.jumps.JumpBatch` (all rows must belong to this block).
+
+        Raises ValueError (and buffers nothing of the batch) on a non-finite sample, naming chain and
+        step, or on a wrong block id / event shape. May write parts (see rolling).
+        """
+        if len(batch) == 0:
+            return
+        blocks = np.unique(batch.block_id.detach().cpu().numpy())
+        if blocks.tolist() != [self.block_id]:
+            raise ValueError(f"JumpBatch holds block ids {blocks.tolist()}, this writer is block {self.block_id}")
+        self._append(jumps_to_table(batch, self.store.schema))
+
+    def add_divergences(self, events: Iterable) -> None:
+        """Buffer :class:`mmgm_ray.jumps.DivergenceEvent` s as rows with sample NULL, diverged true."""
+        events = [events] if hasattr(events, "reason") else list(events)
+        if not events:
+            return
+        bad = sorted({int(e.block_id) for e in events} - {self.block_id})
+        if bad:
+            raise ValueError(f"divergence events for blocks {bad} given to the writer of block {self.block_id}")
+        self._append(divergences_to_table(events, self.store.schema))
+
+    def _append(self, table: pa.Table) -> None:
+        spf = self.store.config.steps_per_file
+        if not spf:
+            self._push(table)
+            return
+        steps = table.column("step").to_numpy()
+        win = (np.maximum(steps, 1) - 1) // spf
+        cuts = [0, *(np.flatnonzero(np.diff(win)) + 1).tolist(), len(win)]
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            w = int(win[s])
+            if self._buf_rows and self._window != w:
+                self._write_buffered(self._buf_rows)
+            self._window = w
+            self._push(table.slice(s, e - s))
+
+    def _push(self, table: pa.Table) -> None:
+        self._buf.append(table)
+        self._buf_rows += table.num_rows
+        while self._buf_rows >= self.store.config.rows_per_file:
+            self._write_buffered(self.store.config.rows_per_file)
+
+    def _write_buffered(self, nrows: int) -> None:
+        combined = pa.concat_tables(self._buf)
+        # one contiguous chunk: the bytes of a part then depend only on its rows
+        head = combined.slice(0, nrows).combine_chunks()
+        rest = combined.slice(nrows)
+        self._write_part(head)
+        self._buf = [rest] if rest.num_rows else []
+        self._buf_rows = rest.num_rows
+
+    def _write_part(self, table: pa.Table) -> None:
+        if not self._checked_clean:
+            stale = [p for p in self.store.list_parts(self.block_id)
+                     if int(_PART.match(posixpath.basename(p)).group(1)) >= self._next_seq]
+            if stale:
+                raise RuntimeError(f"block {self.block_id} already has parts {stale[:3]}... from an earlier "
+                                   f"attempt; call resume() or restore(state) before writing")
+            self._checked_clean = True
+        rel = self.store.part_relpath(self.block_id, self._next_seq)
+        self.store.write_parquet(table, rel)
+        # counters move only after the part is visible
+        self._next_seq += 1
+        self._files.append(rel)
+        self._rows_written += table.num_rows
+        self._divergences += int(table.column("diverged").to_numpy().sum())
+        top = int(pc.max(table.column("step")).as_py())
+        self._last_step = top if self._last_step is None else max(self._last_step, top)
+
+    def flush(self) -> str | None:
+        """Write all buffered rows as one part; return its run-relative name (None if nothing buffered)."""
+        if not self._buf_rows:
+            return None
+        self._write_buffered(self._buf_rows)
+        return self._files[-1]
+
+    close = flush
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def checkpoint(self, tensors: dict, meta: dict | None = None) -> dict:
+        """Flush, then save ``tensors`` + ``meta`` + the writer state as ONE atomic block checkpoint.
+
+        ``meta["writer"]`` is reserved for the writer state. Returns that state.
+        """
+        meta = dict(meta or {})
+        if "writer" in meta:
+            raise ValueError("meta key 'writer' is reserved for the writer state")
+        self.flush()
+        st = self.state()
+        meta["writer"] = st
+        save_block_checkpoint(self.store, self.block_id, tensors, meta)
+        return st
+
+    def resume(self) -> tuple[dict, dict] | None:
+        """Load this block's checkpoint and ``restore`` its writer state; return (tensors, meta).
+
+        Without a checkpoint, restore the initial state (deleting any parts of an earlier attempt)
+        and return None: the block starts from scratch.
+        """
+        ck = load_block_checkpoint(self.store, self.block_id)
+        if ck is None:
+            self.restore(self.initial_state())
+            return None
+        tensors, meta = ck
+        if "writer" not in meta:
+            raise ValueError(f"block {self.block_id} checkpoint has no writer state (meta['writer'])")
+        self.restore(meta["writer"])
+        return tensors, meta
+
+
+# ---- block checkpoints ---------------------------------------------------------------------------
+
+def save_block_checkpoint(store: SampleStore, block_id: int, tensors: dict[str, Any], meta: dict) -> str:
+    """Atomically save one block checkpoint: ``tensors`` (dict of str -> torch.Tensor) and ``meta``
+    (JSON-able dict) in ONE file, so the two can never disagree. Returns its path.
+
+    The file is ``torch.save`` of {format, version, run_id, block_id, meta_json, tensors}; it loads
+    with ``torch.load(weights_only=True)``. Overwrites the previous checkpoint of the block
+    (temp + rename locally, one PUT on object stores).
+    """
+    import torch
+
+    block_id = _check_block_id(block_id)
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError("tensors must be a dict of str -> torch.Tensor")
+    try:
+        meta_json = json.dumps(meta, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint meta must be JSON-serialisable: {e}") from e
+    payload = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+        "run_id": store.run_id, "block_id": block_id, "meta_json": meta_json,
+        "tensors": {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+    }
+    path = store.checkpoint_path(block_id)
+    fsutil.atomic_write(store.fs, path, lambda f: torch.save(payload, f))
+    return path
+
+
+def load_block_checkpoint(store: SampleStore, block_id: int) -> tuple[dict, dict] | None:
+    """Load a block checkpoint saved by :func:`save_block_checkpoint`: (tensors, meta), or None if absent.
+
+    Uses ``torch.load(weights_only=True, map_location="cpu")``.
+    """
+    import torch
+
+    path = store.checkpoint_path(block_id)
+    if not fsutil.exists(store.fs, path):
+        return None
+    data = store.fs.cat_file(path)
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an mmgm block checkpoint")
+    if int(obj.get("version", 0)) != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: unsupported checkpoint version {obj.get('version')!r}")
+    if obj["run_id"] != store.run_id or int(obj["block_id"]) != int(block_id):
+        raise ValueError(f"{path} belongs to run {obj['run_id']!r} block {obj['block_id']}, "
+                         f"expected run {store.run_id!r} block {block_id}")
+    return dict(obj["tensors"]), json.loads(obj["meta_json"])
