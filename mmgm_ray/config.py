@@ -240,6 +240,8 @@ class ModelConfig:
     net: NetConfig = field(default_factory=NetConfig)
     input_scaling: bool = True      # MMGM: scale network input by 1/sqrt(0.225^2 + sigma^2) (MDAE/MEM^2)
     sigmoid_output: bool = False    # MMGM: sigmoid output for data in [0, 1] (MDAE)
+    precond: Literal["edm", "none"] = "edm"  # universal: g = c_skip ybar + c_out net(c_in ybar) at sigma_eff
+    sigma_data: float = 0.5         # data scale used by the "edm" preconditioning
 
     def validate(self) -> None:
         self.net.validate()
@@ -266,8 +268,28 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 2
     num_to_keep: int = 2
+    # --- added by the training loop (mmgm_ray.train) ---
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    ema_warmup: bool = True         # EMA decay min(ema_decay, (1+t)/(10+t)): short runs get a useful EMA
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # in-process runs; Ray workers use their assigned device
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # DDP backend; auto = nccl with GPUs, gloo on CPU
+    ema_eval_batch: int = 256       # fixed held-out batch for the occasional EMA loss (0 = off)
+    preview_nrow: int = 8           # images per row in preview grids
+    preview_scale: int = 1          # pixel enlargement of preview grids (8x8 digits: 4)
 
     def validate(self) -> None:
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        for name in ("log_every", "checkpoint_every", "preview_nrow", "preview_scale"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("preview_every", "preview_chains", "preview_steps", "ema_eval_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise ValueError(f"train.max_failures must be >= 0 (or -1 = retry forever), got {self.max_failures}")
+        if self.num_to_keep < 1:
+            raise ValueError(f"train.num_to_keep must be >= 1, got {self.num_to_keep}")
         _positive("train.lr", self.lr)
         _positive("train.steps", self.steps)
         _positive("train.batch_size", self.batch_size)
@@ -308,12 +330,25 @@ class PoolConfig:
     max_restarts: int = 3
     device: str = "auto"            # auto | cpu | cuda
     queue_size: int = 8             # bounded queue between the chain loop and the writer
+    chunk_steps: int = 0            # walk steps per advance() call (multiple of checkpoint_every; 0 = one interval)
+    # mmgm generate: samples wanted (0 = one per chain), walk steps discarded, keep every thin-th jump
+    num_samples: int = 0
+    burn_in: int = 0
+    thin: int = 1
 
     def validate(self) -> None:
-        for name in ("num_chains", "num_steps", "num_actors", "checkpoint_every"):
+        for name in ("num_chains", "num_steps", "num_actors", "checkpoint_every", "queue_size", "thin"):
             _positive(f"pool.{name}", getattr(self, name))
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
             raise ValueError("pool.cpus_per_actor and pool.gpus_per_actor must be >= 0")
+        if self.max_restarts < 0 or self.num_samples < 0 or self.burn_in < 0 or self.chunk_steps < 0:
+            raise ValueError("pool.max_restarts, num_samples, burn_in and chunk_steps must be >= 0")
+        if self.chunk_steps % self.checkpoint_every:
+            # chunks end on checkpoints, so a stop or a retry never leaves an uncommitted tail
+            raise ValueError(f"pool.chunk_steps={self.chunk_steps} must be a multiple of "
+                             f"pool.checkpoint_every={self.checkpoint_every}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"pool.device must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
 @dataclass

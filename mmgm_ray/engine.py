@@ -83,7 +83,7 @@ class WalkJumpEngine:
         self.state: Optional[LangevinState] = None
         self.alive = torch.ones(self.n_chains, dtype=torch.bool, device=self.device)
         self.step = 0
-        self.divergences: list[DivergenceEvent] = []
+        self._reset_divergence_flags()
 
     # ---- shapes ---------------------------------------------------------------------------
     @property
@@ -124,7 +124,7 @@ class WalkJumpEngine:
         self.state = LangevinState(y.contiguous(), torch.zeros_like(y))
         self.alive = torch.ones(self.n_chains, dtype=torch.bool, device=self.device)
         self.step = 0
-        self.divergences = []
+        self._reset_divergence_flags()
 
     # ---- one step -------------------------------------------------------------------------
     def _noise(self, step: int) -> torch.Tensor:
@@ -156,24 +156,46 @@ class WalkJumpEngine:
         return wrapped
 
     def _check_divergence(self, out: ScoreOutput) -> None:
+        """Flag chains whose state, score or jump is non-finite or whose |y|_inf explodes.
+
+        Runs on the device with no host synchronization (a GPU keeps running ahead); flagged
+        chains are turned into ``DivergenceEvent``s lazily by ``_collect_divergences``.
+        """
         y, v = self.state
-        flat_y = y.reshape(self.n_chains, -1)
-        finite = (torch.isfinite(flat_y).all(1) & torch.isfinite(v.reshape(self.n_chains, -1)).all(1)
-                  & torch.isfinite(out.xhat.reshape(self.n_chains, -1)).all(1)
-                  & torch.isfinite(out.psi.reshape(self.n_chains, -1)).all(1))
-        exploding = flat_y.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).amax(1) > self.cfg.divergence_threshold
-        bad = (~finite | exploding) & self.alive
-        if not bool(bad.any()):
-            return
-        idx = torch.nonzero(bad).flatten().tolist()
-        fin = finite.tolist()
-        for i in idx:
-            self.divergences.append(DivergenceEvent(int(self.chain_ids[i]), int(self.block_of_chain[i]),
-                                                    self.step, "non-finite" if not fin[i] else "exploding"))
-        self.alive &= ~bad
+        n = self.n_chains
+        finite = (torch.isfinite(y.reshape(n, -1)).all(1) & torch.isfinite(v.reshape(n, -1)).all(1)
+                  & torch.isfinite(out.xhat.reshape(n, -1)).all(1) & torch.isfinite(out.psi.reshape(n, -1)).all(1))
+        big = y.reshape(n, -1).abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).amax(1)
+        bad = (~finite | (big > self.cfg.divergence_threshold)) & self.alive
+        self._div_step = torch.where(bad, self.step, self._div_step)
+        self._div_nonfinite = torch.where(bad, ~finite, self._div_nonfinite)
+        self.alive = self.alive & ~bad
         # Freeze diverged chains at 0 so NaN/inf never reaches the batch's arithmetic again.
         mask = self.alive.reshape(-1, *([1] * (y.dim() - 1)))
         self.state = LangevinState(torch.where(mask, y, 0.0), torch.where(mask, v, 0.0))
+
+    def _collect_divergences(self) -> None:
+        """Turn newly flagged chains into events (one host sync)."""
+        pending = (self._div_step >= 0) & ~self._div_reported
+        if not bool(pending.any()):
+            return
+        idx = torch.nonzero(pending).flatten()
+        for i, c, b, st, nf in zip(idx.tolist(), self.chain_ids[idx].tolist(), self.block_of_chain[idx].tolist(),
+                                   self._div_step[idx].tolist(), self._div_nonfinite[idx].tolist()):
+            self._divergences.append(DivergenceEvent(c, b, st, "non-finite" if nf else "exploding"))
+        self._div_reported |= pending
+
+    @property
+    def divergences(self) -> list[DivergenceEvent]:
+        """Every divergence so far, in detection order (the list may be drained by the caller)."""
+        self._collect_divergences()
+        return self._divergences
+
+    def _reset_divergence_flags(self) -> None:
+        self._div_step = torch.full((self.n_chains,), -1, dtype=torch.int64, device=self.device)
+        self._div_nonfinite = torch.zeros(self.n_chains, dtype=torch.bool, device=self.device)
+        self._div_reported = ~self.alive      # chains already dead at restore were reported before
+        self._divergences = []
 
     def step_once(self) -> Optional[JumpBatch]:
         """Advance every chain one walk step; return the jumps if this step is a jump step."""
@@ -187,6 +209,7 @@ class WalkJumpEngine:
         self._check_divergence(out)
         if self.step % self.cfg.jump_every != 0:
             return None
+        self._collect_divergences()
         keep = self.alive
         psi = out.psi.reshape(self.n_chains, -1)
         v = self.state.v.reshape(self.n_chains, -1)
@@ -275,6 +298,8 @@ class WalkJumpEngine:
         self.state = LangevinState(y, v)
         self.alive[rows] = sd["alive"].to(self.device)
         self.step = int(sd["step"])
+        self._div_reported[rows] = ~self.alive[rows]
+        self._div_step[rows] = -1
 
 
 def chain_blocks(num_chains: int, block_size: int) -> list[int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
+import shutil
 import socket
 import stat
 import subprocess
@@ -22,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mmgm_ray.config import StoreConfig
+from mmgm_ray.config import RunConfig, StoreConfig
 from mmgm_ray.jumps import DivergenceEvent, JumpBatch
 from mmgm_ray.store import (
     METADATA_COLUMNS,
@@ -212,27 +214,26 @@ def test_readers_pyarrow_pandas_duckdb(tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_data_reads_parts(tmp_path):
-    import ray
-
+def test_ray_data_reads_parts(tmp_path, ray_session):
+    # ray_session (tests/conftest.py) is the one Ray instance of the test session: a private
+    # ray.init/ray.shutdown here would tear it down under the other Ray tests.
+    ray = ray_session
     store = create_run(str(tmp_path), "ray", event_shape=SHAPE,
                        store_config=StoreConfig(sample_dtype="uint8", rows_per_file=9))
     w = store.writer(0)
     w.resume()
     drive(w, 0, 0, 40, checkpoint_every=40)
     sync_manifest_from_checkpoints(store)
-    temp = tempfile.mkdtemp(prefix="/tmp/rs-")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
-    try:
-        d = ray.data.read_parquet(str(tmp_path / "ray" / "samples"))
-        assert d.count() == expected_rows(40, None)
-        sch = d.schema().base_schema
-        assert sch.field("sample").type == pa.list_(pa.uint8(), 6)
-        rows = d.filter(lambda r: r["chain_id"] == 2 and r["step"] == 30).take_all()
-        got = np.asarray(rows[0]["sample"], dtype=np.float32) / 255
-        assert np.allclose(got, jump_batch(0, 30).xhat[2].numpy().ravel(), atol=0.5 / 255 + 1e-7)
-    finally:
-        ray.shutdown()
+    d = ray.data.read_parquet(str(tmp_path / "ray" / "samples"))
+    sch = d.schema().base_schema
+    assert sch.field("sample").type == pa.list_(pa.uint8(), 6)
+    rows = d.take_all()  # one small read task; a filter would start a second stage
+    assert len(rows) == expected_rows(40, None)
+    assert sorted((r["chain_id"], r["step"]) for r in rows) == \
+        sorted((c, s) for c in range(CHAINS) for s in range(10, 41, 10))
+    rows = [r for r in rows if r["chain_id"] == 2 and r["step"] == 30]
+    got = np.asarray(rows[0]["sample"], dtype=np.float32) / 255
+    assert np.allclose(got, jump_batch(0, 30).xhat[2].numpy().ravel(), atol=0.5 / 255 + 1e-7)
 
 
 # ---- rolling -----------------------------------------------------------------------------------
@@ -389,7 +390,7 @@ CRASH_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
     sys.path.insert(0, {repo!r})
     from fsspec.implementations.local import LocalFileOpener
-    from mmgm_ray.config import StoreConfig
+    from mmgm_ray.config import RunConfig, StoreConfig
     from mmgm_ray.store import SampleStore
     from mmgm_ray.jumps import JumpBatch
     sys.path.insert(0, {tests!r})
@@ -555,7 +556,6 @@ def test_unwritable_store_read_only_folder():
         assert list(ro.iterdir()) == []
     finally:
         (parent / "ro").chmod(0o755)
-        import shutil
         shutil.rmtree(parent)
 
 
@@ -584,7 +584,11 @@ def test_schema_mismatch_on_resume_touches_nothing(tmp_path, change):
 
 
 def test_manifest_is_the_committed_view(tmp_path):
-    store = create_run(str(tmp_path), "cv", event_shape=SHAPE, store_config=StoreConfig(rows_per_file=4))
+    cfg = RunConfig(name="cv", seed=3, store=StoreConfig(rows_per_file=4))  # store section comes from here
+    store = create_run(f"file://{tmp_path}", "cv", event_shape=SHAPE, config=cfg)
+    assert store.config.rows_per_file == 4 and load_manifest(store)["config"]["seed"] == 3
+    assert open_dataset(store.url).count_rows() == 0 and read_samples(store.url)[0].shape == (0, *SHAPE)
+    store = pickle.loads(pickle.dumps(store))  # what a Ray driver does when it hands the store to actors
     w = store.writer(0)
     w.resume()
     drive(w, 0, 0, 20, checkpoint_every=20)
@@ -611,6 +615,8 @@ def _fsspec_round_trip(root: str, storage_options: dict | None = None):
     w = store.writer(0)
     assert w.resume() is None
     drive(w, 0, 0, 100, checkpoint_every=50, diverge_at=45, stop_after=70)   # crash after step 70
+    # an object the dead writer left beyond anything the rerun will write
+    store.fs.pipe_file(store.abspath("samples/block=000000/part-000042.parquet"), b"torn")
     w_again = store.writer(0)
     tensors, meta = w_again.resume()
     assert meta["step"] == 50

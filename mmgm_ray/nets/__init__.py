@@ -8,7 +8,6 @@ under torch.autocast(bfloat16), torch.compile and channels_last.
 """
 from __future__ import annotations
 
-import math
 
 from torch import nn
 

@@ -118,7 +118,8 @@ def quantize(x: np.ndarray, sample_dtype: str) -> np.ndarray:
     if sample_dtype == "uint8":
         return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
     if sample_dtype == "float16":
-        return x.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow -> inf, which the writer then reports
+            return x.astype(np.float16)
     return x.astype(np.float32, copy=False)
 
 

@@ -1,0 +1,184 @@
+"""Build score models from a ``RunConfig`` and save / load the trained model artifact.
+
+The artifact is what training hands to sampling: one ``torch.save`` file holding the EMA weights,
+the resolved run config (plain data), the event shape and data statistics. It is loaded with
+``torch.load(weights_only=True)``, so a malicious file cannot run code. Its *model hash* is a
+SHA-256 over the model section of the config and every weight tensor (name, dtype, shape, bytes),
+independent of the file container, and is recorded next to every output that uses the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any, Optional
+
+import fsspec
+import torch
+
+from mmgm_ray.config import RunConfig, from_dict, to_dict
+from mmgm_ray.models import MDAE, MEM2, ScoreModel, UniversalDenoiser
+from mmgm_ray.noise import GaussianMNM
+from mmgm_ray.oracles import GaussianOracle, GMMOracle
+
+ARTIFACT_FORMAT = "mmgm-model"
+ARTIFACT_VERSION = 1
+
+
+def build_noise(cfg: RunConfig) -> GaussianMNM:
+    """The Gaussian MNM of a run (Poisson models are not trained by this engine)."""
+    if cfg.noise.kind != "gaussian":
+        raise ValueError(f"noise.kind={cfg.noise.kind!r}: only Gaussian MNMs are trained and sampled")
+    return GaussianMNM(cfg.noise.sigma, cfg.noise.M)
+
+
+def build_score_model(cfg: RunConfig, event_shape: tuple[int, ...]) -> ScoreModel:
+    """A learnable score model (universal / MDAE / MEM^2) wrapping the configured network."""
+    from mmgm_ray.nets import build_net  # keeps `import mmgm_ray.factory` light for oracle-only use
+
+    noise = build_noise(cfg)
+    m = cfg.model
+    if m.kind == "universal":
+        net = build_net(m.net, event_shape, in_mult=1)
+        return UniversalDenoiser(net, noise, event_shape, precond=m.precond, sigma_data=m.sigma_data)
+    net = build_net(m.net, event_shape, in_mult=noise.M)
+    if m.kind == "mdae":
+        return MDAE(net, noise, event_shape, input_scaling=m.input_scaling, sigmoid_output=m.sigmoid_output)
+    if m.kind == "mem2":
+        return MEM2(net, noise, event_shape, input_scaling=m.input_scaling)
+    raise ValueError(f"model.kind must be universal, mdae or mem2, got {m.kind!r}")
+
+
+def build_oracle(cfg: RunConfig, event_shape: Optional[tuple[int, ...]] = None) -> GMMOracle:
+    """The closed-form oracle of ``cfg.oracle`` (THEORY section 6).
+
+    ``oracle.kind='gmm'`` with no means given uses the synthetic mixture of ``cfg.data`` (data.name
+    'gmm'), so a model trained on that data can be compared with its oracle.
+    """
+    o = cfg.oracle
+    noise = build_noise(cfg)
+    if o.kind == "none":
+        raise ValueError("oracle.kind is 'none'")
+    if o.means:
+        means = torch.tensor(o.means, dtype=torch.float64)
+        K, d = means.shape
+        covs = (torch.tensor(o.covs, dtype=torch.float64) if o.covs
+                else o.var * torch.eye(d, dtype=torch.float64).expand(K, d, d).clone())
+        weights = torch.tensor(o.weights or [1.0 / K] * K, dtype=torch.float64)
+    elif cfg.data.name == "gmm":
+        from mmgm_ray.data.synthetic import gmm_parameters
+        p = gmm_parameters(cfg.data.gmm_components, cfg.data.gmm_dim, cfg.data.gmm_seed)
+        means, covs, weights = p["means"].double(), p["covs"].double(), p["weights"].double()
+        weights = weights / weights.sum()
+    else:
+        raise ValueError("oracle.means is empty and data.name is not 'gmm': nothing to build the oracle from")
+    if o.kind == "gaussian":
+        if means.shape[0] != 1:
+            raise ValueError(f"oracle.kind='gaussian' needs exactly one mean, got {means.shape[0]}")
+        return GaussianOracle(means[0], covs[0], noise, event_shape)
+    return GMMOracle(weights, means, covs, noise, event_shape)
+
+
+def _hash_update_json(h, obj: Any) -> None:
+    h.update(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+def model_hash(cfg_dict: dict, state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the noise and model config and every weight tensor (sorted by name)."""
+    h = hashlib.sha256()
+    _hash_update_json(h, {"noise": cfg_dict.get("noise"), "model": cfg_dict.get("model")})
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        _hash_update_json(h, [name, str(t.dtype), list(t.shape)])
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def oracle_hash(cfg: RunConfig) -> str:
+    """Content hash of an oracle model: its config (the oracle has no weights)."""
+    h = hashlib.sha256()
+    d = to_dict(cfg)
+    _hash_update_json(h, {"noise": d["noise"], "oracle": d["oracle"], "data": d["data"] if not cfg.oracle.means else None})
+    return "oracle-" + h.hexdigest()
+
+
+def save_artifact(path: str, model: ScoreModel, cfg: RunConfig, event_shape: tuple[int, ...],
+                  data_stats: Optional[dict] = None, extra: Optional[dict] = None) -> str:
+    """Write the sampling artifact (weights of ``model``, e.g. the EMA copy) to a path or URL.
+
+    Returns the model hash. The file is written whole to a temporary name and then moved, so a
+    reader never sees a partial artifact on a local file system.
+    """
+    cfg_dict = to_dict(cfg)
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    digest = model_hash(cfg_dict, sd)
+    payload = {
+        "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
+        "config": cfg_dict, "event_shape": [int(s) for s in event_shape],
+        "state_dict": sd, "model_hash": digest,
+        "data_stats": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in (data_stats or {}).items()},
+        "extra": extra or {},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    fs, p = fsspec.core.url_to_fs(path)
+    parent = p.rsplit("/", 1)[0] if "/" in p else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.{p.rsplit('/', 1)[-1]}.tmp" if parent else f".{p}.tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    fs.mv(tmp, p)
+    return digest
+
+
+def load_artifact(path: str, device: str | torch.device = "cpu") -> tuple[ScoreModel, RunConfig, dict]:
+    """Load an artifact written by ``save_artifact``; returns (model in eval mode, config, info).
+
+    Raises ValueError naming the file if it is missing, not an artifact, corrupt, or if its weights
+    do not match its recorded hash.
+    """
+    fs, p = fsspec.core.url_to_fs(path)
+    if not fs.exists(p):
+        raise ValueError(f"model artifact not found: {path}")
+    try:
+        with fs.open(p, "rb") as f:
+            payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle with code, ... all mean "not an artifact"
+        raise ValueError(f"model artifact {path} could not be read ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{path} is not an mmgm model artifact")
+    if payload.get("version") != ARTIFACT_VERSION:
+        raise ValueError(f"{path}: artifact version {payload.get('version')} is not supported")
+    cfg = from_dict(RunConfig, payload["config"])
+    event_shape = tuple(payload["event_shape"])
+    model = build_score_model(cfg, event_shape)
+    sd = payload["state_dict"]
+    digest = model_hash(payload["config"], sd)
+    if digest != payload.get("model_hash"):
+        raise ValueError(f"{path}: weights do not match the recorded model hash (corrupt file?)")
+    model.load_state_dict(sd)
+    model.eval().requires_grad_(False)
+    info = {"model_hash": digest, "event_shape": event_shape, "data_stats": payload.get("data_stats", {}),
+            "extra": payload.get("extra", {}), "path": path}
+    return model.to(device), cfg, info
+
+
+def load_sampling_model(cfg: RunConfig, device: str | torch.device = "cpu",
+                        event_shape: Optional[tuple[int, ...]] = None) -> tuple[ScoreModel, tuple[int, ...], str]:
+    """The model a sampling run uses: the oracle of ``cfg.oracle`` or the artifact at ``cfg.model_path``.
+
+    Returns (model, event_shape, model_hash). For an artifact, its own noise config (sigma, M) must
+    match the run's, or ValueError says which differs.
+    """
+    if cfg.oracle.kind != "none":
+        oracle = build_oracle(cfg, event_shape)
+        return oracle.to(device), oracle.event_shape, oracle_hash(cfg)
+    if not cfg.model_path:
+        raise ValueError("sampling needs model_path (a trained artifact) or an oracle (oracle.kind)")
+    model, mcfg, info = load_artifact(cfg.model_path, device)
+    for key in ("sigma", "M"):
+        if getattr(mcfg.noise, key) != getattr(cfg.noise, key):
+            raise ValueError(f"noise.{key}={getattr(cfg.noise, key)} differs from the model's "
+                             f"{getattr(mcfg.noise, key)} ({cfg.model_path})")
+    return model, info["event_shape"], info["model_hash"]

@@ -1,0 +1,3 @@
+"""placeholder"""
+def generate_dataset(*a, **k):
+    raise NotImplementedError
