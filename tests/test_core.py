@@ -163,7 +163,7 @@ def test_engine_reduced_and_full_walks_agree_with_shared_noise():
     red = WalkJumpEngine(oracle, SamplerConfig(walk="reduced", **kw), (3,), 11, [0, 1], shared_full_noise=True)
     full.initialize(); red.initialize()
     a, b = full.run_collect(100), red.run_collect(100)
-    assert len(a) == len(b) == 32 * 20
+    assert a.num_rows == b.num_rows == 32 * 20
     torch.testing.assert_close(a.xhat, b.xhat, rtol=1e-4, atol=1e-4)
     assert red.state_bytes_per_chain() * 4 == full.state_bytes_per_chain()
 
