@@ -50,7 +50,70 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-_REGISTRARS = [_add_condition, _add_demo]
+# ---- sample / generate: the Ray chain pool (mmgm_ray.pool) ---------------------------------
+
+def _add_sample(sub) -> None:
+    from mmgm_ray.pool.cli import add_sample_args, cmd_sample
+    p = sub.add_parser("sample", help="run (or --resume) thousands of walk-jump chains on a Ray actor pool, "
+                                      "every jump written exactly once to the Parquet sample store")
+    add_sample_args(p)
+    p.set_defaults(func=cmd_sample)
+
+
+def _add_generate(sub) -> None:
+    from mmgm_ray.pool.cli import add_generate_args, cmd_generate
+    p = sub.add_parser("generate", help="N samples from many chains (burn-in, thinning) as a Parquet image "
+                                        "data set, optionally PNGs / a grid")
+    add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+
+# ---- train: in-process or Ray Train (mmgm_ray.train) ------------------------------------------
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mmgm_ray.train.cli import cli
+    return cli(args)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a score model (Ray Train with DDP by default; --local: in-process)")
+    _add_config_args(p)
+    p.add_argument("--local", action="store_true", help="train in this process without Ray")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate config, data and network; print the resolved config and parameter count")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS or a running local cluster, else start one)")
+    p.set_defaults(func=_cmd_train)
+
+
+# ---- diagnose: mixing diagnostics over a run's sample store ------------------------------------
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from mmgm_ray.diagnostics import store_stats
+    return store_stats.cli(args)
+
+
+def _add_diagnose(sub) -> None:
+    p = sub.add_parser("diagnose", help="R-hat / ESS / class transitions of a run, read from its sample store")
+    p.add_argument("run", help="run folder or URL ({root}/{run_id})")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--stats", default="score_norm,kinetic,mean_intensity,proj",
+                   help="per-jump scalars: score_norm, kinetic, mean_intensity, proj (comma-separated)")
+    p.add_argument("--projections", type=int, default=4, help="random projections for 'proj'")
+    p.add_argument("--burn-in", type=int, default=0, help="skip jumps with jump_index below this")
+    p.add_argument("--max-draws", type=int, default=None, help="use at most this many jumps per chain")
+    p.add_argument("--max-chains", type=int, default=None, help="use the first N chains")
+    p.add_argument("--rhat-threshold", type=float, default=1.01, help="flag R-hat above this")
+    p.add_argument("--min-ess", type=float, default=400.0, help="flag bulk/tail ESS below this")
+    p.add_argument("--classes", default=None,
+                   help="data set (digits, mnist, ...) whose class means label each jump (transitions)")
+    p.add_argument("--data-path", default=None, help="path for --classes data sets that need one")
+    p.add_argument("--class-limit", type=int, default=None, help="use the first N examples for class means")
+    p.set_defaults(func=_cmd_diagnose)
+
+
+_REGISTRARS = [_add_condition, _add_demo, _add_sample, _add_generate, _add_train, _add_diagnose]
 
 
 def register(fn):

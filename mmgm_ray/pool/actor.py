@@ -33,6 +33,7 @@ from mmgm_ray.config import RunConfig, from_dict
 from mmgm_ray.engine import WalkJumpEngine
 from mmgm_ray.jumps import JumpBatch
 
+_GATHER_ROWS = 1 << 18  # host rows gathered before conversion (bounds the writer's memory)
 _ENGINE_HEADER = ("version", "run_seed", "block_size", "walk", "M", "event_shape")
 
 
@@ -129,12 +130,15 @@ class ChainActor:
                       if self.write else None)
         self.writers = {b: self.store.writer(b) for b in self.block_ids} if self.write else {}
         self._prev: dict[int, tuple[dict, dict, int]] = {}  # block -> (tensors, writer state, step)
+        self._pending: list[JumpBatch] = []                   # host jump batches not yet handed to writers
+        self._pending_rows = 0
         self.entries: dict[int, dict] = {}                    # block -> committed manifest entry
         self.new_divergences: list[dict] = []
         self.start_step = self._restore()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one advance() at a time even with max_concurrency > 1
         self.compute_s = 0.0
+        self.cpu_s = 0.0
         self.restarted = self._was_reconstructed()
         self.writer = _Writer(self, pool.queue_size)
         self.writer.start()
@@ -143,9 +147,12 @@ class ChainActor:
 
     @staticmethod
     def _was_reconstructed() -> bool:
+        import warnings
         try:
             import ray
-            return bool(ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed)
+            with warnings.catch_warnings():  # the property reads a deprecated field internally
+                warnings.simplefilter("ignore")
+                return bool(ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed)
         except Exception:  # not inside a Ray actor
             return False
 
@@ -204,8 +211,15 @@ class ChainActor:
             _, jb, event = item
             if event is not None:
                 event.synchronize()  # the non_blocking device-to-host copy has landed
-            self._write_jumps(jb)
-        elif kind == "div":
+            # batches are gathered and converted once per block per interval: Arrow conversion per
+            # (block, jump) costs more CPU than the oracle's walk steps
+            self._pending.append(jb)
+            self._pending_rows += len(jb)
+            if self._pending_rows >= _GATHER_ROWS:
+                self._flush_pending()
+            return
+        self._flush_pending()  # keeps every block's rows in engine order
+        if kind == "div":
             _, events = item
             by_block: dict[int, list] = {}
             for e in events:
@@ -218,8 +232,20 @@ class ChainActor:
         else:
             raise ValueError(f"unknown writer item {kind!r}")
 
+    def _flush_pending(self) -> None:
+        if not self._pending:
+            return
+        many = len(self._pending) > 1
+        jb = JumpBatch.cat(self._pending) if many else self._pending[0]
+        self._pending, self._pending_rows = [], 0
+        if many:
+            # stable: within a block the rows stay in (step, chain) order
+            order = torch.argsort(jb.block_id, stable=True)
+            jb = JumpBatch(*(t[order] for t in jb))
+        self._write_jumps(jb)
+
     def _write_jumps(self, jb: JumpBatch) -> None:
-        # rows are in batch order, so each block's rows are one contiguous run
+        # rows are grouped by block, so each block's rows are one contiguous run
         blocks = jb.block_id.numpy()
         cuts = [0, *(np.flatnonzero(np.diff(blocks)) + 1).tolist(), len(blocks)]
         for s, e in zip(cuts[:-1], cuts[1:]):
@@ -255,6 +281,16 @@ class ChainActor:
             states[b] = {k: sd[k][i * n:(i + 1) * n].clone() for k in ("y", "v", "alive")}
         self.writer.put(("ckpt", self.engine.step, states, status))
 
+    def _drain_divergences(self) -> None:
+        evs = self.engine.divergences      # the engine's own list; emptied here
+        if not evs:
+            return
+        events = list(evs)
+        evs.clear()
+        self.new_divergences += [ev._asdict() for ev in events]
+        if self.write:
+            self.writer.put(("div", events))
+
     def _is_boundary(self, step: int, target: int) -> bool:
         return step % self.checkpoint_every == 0 or step == self.num_steps or step == target
 
@@ -267,6 +303,9 @@ class ChainActor:
         """Run to the next multiple of ``chunk_steps`` (or ``num_steps``), checkpointing every
         ``checkpoint_every`` steps and at the end; return progress and committed manifest entries.
 
+        The last checkpoint of a chunk is committed in the background (the device keeps going);
+        when the run is done or a stop was requested, the call returns only after it is committed.
+
         Idempotent under Ray task retries: a restarted actor restored from a checkpoint inside the
         chunk runs to the same target. Returns early (after a checkpoint) once ``request_stop``.
         """
@@ -278,33 +317,48 @@ class ChainActor:
         start = e.step
         target = min((e.step // chunk + 1) * chunk, self.num_steps)
         sleep = float(self.hooks.get("step_sleep", 0.0))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         while e.step < target and not self._stop.is_set():
             while e.step < target:
                 jb = e.step_once()
-                if e.divergences:
-                    events, e.divergences = e.divergences, []
-                    self.new_divergences += [ev._asdict() for ev in events]
-                    if self.write:
-                        self.writer.put(("div", events))
+                boundary = self._is_boundary(e.step, target)
+                if jb is not None or boundary:
+                    # only where the engine syncs with the host anyway (jump steps) or before a
+                    # checkpoint: the events then land at the same place in the rows in every run
+                    self._drain_divergences()
                 if jb is not None and len(jb) and self.write:
                     self.writer.put(("jumps", *self._to_host(jb)))
                 if sleep:
                     time.sleep(sleep)
-                if self._is_boundary(e.step, target):
+                if boundary:
                     break
             if self.write:
                 self._submit_checkpoint("done" if e.step >= self.num_steps else "running")
         if self.write:
-            self.writer.drain()   # everything up to the last checkpoint is committed
+            if e.step >= self.num_steps or self._stop.is_set():
+                self.writer.drain()   # everything up to the last checkpoint is committed
+            else:
+                # the writer commits this chunk's checkpoint while the next chunk computes; the
+                # entries returned are those committed so far (at most one checkpoint behind)
+                self.writer.check()
         self.compute_s += time.perf_counter() - t0
+        self.cpu_s += time.process_time() - c0   # whole process: engine + writer thread
         divs, self.new_divergences = self.new_divergences, []
         return {"pid": os.getpid(), "block_ids": self.block_ids, "step": e.step, "start_step": start,
                 "chains": e.n_chains, "chain_steps": e.n_chains * (e.step - start),
+                "chain_steps_total": e.n_chains * (e.step - self.start_step),
                 "done": e.step >= self.num_steps, "stopped": self._stop.is_set(),
                 "restarted": self.restarted, "restored_step": self.start_step,
                 "blocks": {int(b): dict(v) for b, v in self.entries.items()},
-                "divergence_events": divs, "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s}
+                "divergence_events": divs, "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s,
+                "cpu_s": self.cpu_s}
+
+    def commit(self) -> dict:
+        """Wait until every submitted checkpoint is written; return the committed block entries."""
+        with self._lock:
+            if self.write:
+                self.writer.drain()
+            return {"step": self.engine.step, "blocks": {int(b): dict(v) for b, v in self.entries.items()}}
 
     def status(self) -> dict:
         """Current step and layout (cheap; for the controller and tests)."""

@@ -85,13 +85,17 @@ class _Progress:
         self.t0 = time.perf_counter()
         self.last_print = 0.0
         self.start_done: Optional[int] = None
+        self.t_first: Optional[float] = None
 
-    def snapshot(self, done_chain_steps: int, samples: int, min_step: int) -> dict:
+    def snapshot(self, done_chain_steps: int, samples: int, min_step: int, busy_rate: float = 0.0) -> dict:
         now = time.perf_counter()
-        if self.start_done is None:
+        if self.start_done is None or self.t_first is None:
             self.start_done = done_chain_steps
-        elapsed = max(now - self.t0, 1e-9)
-        rate = (done_chain_steps - self.start_done) / elapsed
+            self.t_first = now if done_chain_steps > 0 else None
+        elapsed = now - self.t0
+        since = now - self.t_first if self.t_first is not None else 0.0
+        # wall rate once results flow (excludes actor start-up); before that the actors' own rate
+        rate = (done_chain_steps - self.start_done) / since if since > 1.0 else busy_rate
         remaining = self.total - done_chain_steps
         eta = remaining / rate if rate > 0 else None
         return {"chains": self.num_chains, "num_steps": self.num_steps, "min_step": min_step,
@@ -138,7 +142,7 @@ class PoolState:
 def _actor_options(cfg: RunConfig, runtime_env: Optional[dict]) -> dict:
     p = cfg.pool
     opts = {"num_cpus": p.cpus_per_actor, "num_gpus": p.gpus_per_actor, "max_restarts": p.max_restarts,
-            "max_task_retries": max(p.max_restarts, 1), "max_concurrency": 2,
+            "max_task_retries": p.max_restarts, "max_concurrency": 2,
             # spread actors over nodes; several per node only when the cluster is smaller
             "scheduling_strategy": "SPREAD"}
     env = dict(runtime_env or {})
@@ -207,7 +211,8 @@ def run_pool(cfg: RunConfig, resume: bool = False, *, storage_options: Optional[
     # create_run checks writability and (on resume) schema / shape / dtype before touching anything
     store = create_run(root, run_id, event_shape=event_shape, config=cfg, model_hash=model_hash, seeds=seeds,
                        storage_options=storage_options, extra={"layout": layout, "kind": "sample"})
-    update_manifest(store, status="running", pool_progress={}, divergence_events=(
+    # on resume the resolved config of this session is recorded (e.g. a longer pool.num_steps)
+    update_manifest(store, status="running", pool_progress={}, config=to_dict(cfg), divergence_events=(
         existing.get("divergence_events", []) if existing else []))
 
     state = PoolState()
@@ -258,7 +263,9 @@ def run_pool(cfg: RunConfig, resume: bool = False, *, storage_options: Optional[
         done = sum(chains_of[i] * min(state.steps.get(i, 0), cfg.pool.num_steps) for i in chains_of)
         samples = sum(int(e.get("rows", 0)) - int(e.get("divergences", 0)) for e in entries.values())
         min_step = min((state.steps.get(i, 0) for i in chains_of), default=0)
-        return prog.snapshot(done, samples, min_step)
+        last = _last_per_actor(state.results)
+        busy = sum(r["chain_steps_total"] / r["busy_s"] for r in last if r["busy_s"] > 0)
+        return prog.snapshot(done, samples, min_step, busy)
 
     def write_manifest_now(final_status: Optional[str] = None) -> None:
         nonlocal last_manifest
@@ -319,6 +326,16 @@ def run_pool(cfg: RunConfig, resume: bool = False, *, storage_options: Optional[
                     interrupted_hard = True
                     break
                 request_stop()
+        if not interrupted_hard:
+            # a chunk's last checkpoint commits in the background: let every actor finish it
+            # before the actors go away, so the run is left at a clean commit point
+            commits = {state.actors[i].commit.remote(): i for i in state.actors}
+            done_refs, _ = ray.wait(list(commits), num_returns=len(commits), timeout=stop_timeout_s)
+            for ref in done_refs:
+                try:
+                    fold({"blocks": ray.get(ref)["blocks"], "divergence_events": []})
+                except ray.exceptions.RayActorError:
+                    pass  # died meanwhile: its blocks restore from their checkpoints on resume
         finished = all(state.steps.get(i, 0) >= cfg.pool.num_steps for i in chains_of)
         status = "done" if finished else "interrupted"
     except BaseException as e:
@@ -355,6 +372,9 @@ def run_pool(cfg: RunConfig, resume: bool = False, *, storage_options: Optional[
         "replacements": state.replacements, "restarts": state.restarts_seen,
         "hard_interrupt": interrupted_hard, "model_hash": model_hash, "resumes": man.get("resumes", 0),
         "queue_wait_s": sum(r["queue_wait_s"] for r in _last_per_actor(state.results)),
+        # CPU seconds the actors spent (engine + writer threads) per chain-step: robust to a busy machine
+        "cpu_s": sum(r["cpu_s"] for r in _last_per_actor(state.results)),
+        "chain_steps_actors": sum(r["chain_steps_total"] for r in _last_per_actor(state.results)),
     }
     return summary
 

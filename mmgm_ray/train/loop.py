@@ -377,7 +377,7 @@ def training_loop(
             now = time.perf_counter()
             record = {"step": step, "loss": mean_loss, "lr": lr_at(step - 1, cfg), "grad_norm": float(gnorm),
                       "images_per_s": n_loss * tc.batch_size * world / max(now - t_window, 1e-9),
-                      "time": time.time()}
+                      "start_step": start, "time": time.time()}
             if ckpt_now and eval_x is not None and is_main:
                 record["ema_loss"] = _ema_loss(ema, eval_x, cfg, device, use_bf16)
             loss_sum.zero_()

@@ -1,0 +1,126 @@
+"""Benchmark: chain-steps/s of the Ray chain pool (2 actors, store on) against the bare engine.
+
+    /work/venv/bin/python bench/pool.py [--chains 10240] [--steps 600] [--actors 2]
+
+Fair comparison on a machine with C cores: the pool gets ``--actors`` actors of 1 CPU each (one
+torch thread each); the bare engine runs the SAME chains in one process with the SAME total number
+of torch threads (``--actors``). Also reported: the bare engine on one actor's blocks with one
+thread (per-core rate; x actors = perfect linear scaling), and the pool with the store off (Ray
+overhead alone). Pool rates are steady-state wall rates (from the first returned chunk to the end,
+i.e. without actor start-up); start-up is in the end-to-end wall time. Because wall rates on a
+shared 2-core machine swing with other load, the CPU cost is also reported: CPU seconds per 1e6
+chain-steps (``time.process_time``: the bare engine process vs. the actor processes, whose count
+includes the writer thread and Ray's own threads), which other processes cannot inflate.
+The last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_cfg(out: str, name: str, chains: int, steps: int, actors: int, dim: int = 2):
+    from mmgm_ray.config import RunConfig, from_dict
+    return from_dict(RunConfig, {
+        "name": name, "output": out, "seed": 0, "noise": {"sigma": 1.0, "M": 4},
+        "oracle": {"kind": "gmm"}, "data": {"name": "gmm", "gmm_dim": dim},
+        "sampler": {"block_size": 256, "jump_every": 10},
+        "store": {"sample_dtype": "float32"},
+        "pool": {"num_chains": chains, "num_steps": steps, "num_actors": actors, "cpus_per_actor": 1.0,
+                 "checkpoint_every": 100}})
+
+
+def bare_rate(cfg, blocks, threads: int, steps: int) -> tuple[float, float]:
+    """(chain-steps/s, CPU seconds per million chain-steps) of one WalkJumpEngine (nothing written)."""
+    import torch
+
+    from mmgm_ray.engine import WalkJumpEngine
+    from mmgm_ray.factory import load_sampling_model
+
+    torch.set_num_threads(threads)
+    model, shape, _ = load_sampling_model(cfg, "cpu")
+    eng = WalkJumpEngine(model, cfg.sampler, shape, cfg.seed, blocks)
+    eng.initialize()
+    list(eng.run(10))  # warm-up
+    t, c = time.perf_counter(), time.process_time()
+    for jb in eng.run(steps):
+        jb.xhat.cpu()
+    n = eng.n_chains * steps
+    return n / (time.perf_counter() - t), 1e6 * (time.process_time() - c) / n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chains", type=int, default=10240)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=2, help="GMM dimension (bigger = costlier score per step)")
+    args = ap.parse_args()
+
+    import ray
+
+    from mmgm_ray.engine import chain_blocks
+    from mmgm_ray.pool import run_pool
+    from mmgm_ray.pool.controller import run_bytes, split_layout
+
+    out = tempfile.mkdtemp(prefix="mmgm-bench-pool-")
+    cfg = make_cfg(out, "bench", args.chains, args.steps, args.actors, args.dim)
+    blocks = chain_blocks(args.chains, cfg.sampler.block_size)
+    layout = split_layout(len(blocks), args.actors)
+
+    bare_all, _ = bare_rate(cfg, blocks, args.actors, args.steps)
+    bare_one, bare_cpu = bare_rate(cfg, layout[0], 1, args.steps)
+    print(f"bare engine, 1 process, {args.actors} threads, {args.chains} chains: {bare_all:,.0f} chain-steps/s")
+    print(f"bare engine, 1 thread, {len(layout[0]) * 256} chains (one actor's blocks): {bare_one:,.0f} "
+          f"chain-steps/s (x{args.actors} = {bare_one * args.actors:,.0f} ideal)")
+
+    ray.init(num_cpus=max(2, args.actors), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}})
+    try:
+        res = {}
+        for label, hooks in (("pool_nostore", {"store": False}), ("pool_store", None)):
+            c = make_cfg(out, label, args.chains, args.steps, args.actors, args.dim)
+            t = time.perf_counter()
+            s = run_pool(c, progress=False, actor_hooks=hooks)
+            wall = time.perf_counter() - t
+            res[label] = {"wall_s": wall, "steady_rate": s["chain_steps_per_s"], "queue_wait_s": s["queue_wait_s"],
+                          "rows": s["rows"], "cpu_per_M": 1e6 * s["cpu_s"] / max(s["chain_steps_actors"], 1)}
+            print(f"{label}: steady {s['chain_steps_per_s']:,.0f} chain-steps/s, end-to-end {wall:.1f}s "
+                  f"(incl. actor start-up), writer back-pressure {s['queue_wait_s']:.2f}s")
+        nbytes = run_bytes(f"{out}/pool_store")
+        steady_s = args.chains * args.steps / res["pool_store"]["steady_rate"]
+    finally:
+        ray.shutdown()
+    pool = res["pool_store"]["steady_rate"]
+    result = {
+        "chains": args.chains, "steps": args.steps, "actors": args.actors, "dim": args.dim,
+        "bare_same_threads": bare_all, "bare_1thread_x_actors": bare_one * args.actors,
+        "pool_store": pool, "pool_nostore": res["pool_nostore"]["steady_rate"],
+        "ratio_pool_vs_bare_same_threads": pool / bare_all,
+        "ratio_pool_vs_linear": pool / (bare_one * args.actors),
+        "ratio_store_vs_nostore": pool / res["pool_nostore"]["steady_rate"],
+        "cpu_s_per_M_chain_steps": {"bare_1thread": bare_cpu, "pool_nostore": res["pool_nostore"]["cpu_per_M"],
+                                    "pool_store": res["pool_store"]["cpu_per_M"]},
+        "cpu_ratio_bare_vs_pool_store": bare_cpu / res["pool_store"]["cpu_per_M"],
+        "bytes_written": nbytes, "bytes_per_s": nbytes / steady_s, "rows": res["pool_store"]["rows"],
+        "pool_wall_s": res["pool_store"]["wall_s"], "queue_wait_s": res["pool_store"]["queue_wait_s"],
+    }
+    print(f"pool/bare(same threads) = {result['ratio_pool_vs_bare_same_threads']:.3f}; "
+          f"pool/linear = {result['ratio_pool_vs_linear']:.3f}; store on/off = {result['ratio_store_vs_nostore']:.3f}; "
+          f"{result['bytes_per_s'] / 1e6:.2f} MB/s written")
+    cpu = result["cpu_s_per_M_chain_steps"]
+    print(f"CPU s per 1e6 chain-steps: bare {cpu['bare_1thread']:.3f}, pool no store {cpu['pool_nostore']:.3f}, "
+          f"pool + store {cpu['pool_store']:.3f} -> bare/pool+store = {result['cpu_ratio_bare_vs_pool_store']:.3f}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

