@@ -36,7 +36,7 @@ def test_save_grid_layout(tmp_path):
     assert (a[0] == 255).all()  # padding row
     # vectors (N, d) with square d become 1-channel square images
     q = save_grid(torch.rand(3, 16), str(tmp_path / "v.png"), nrow=3)
-    assert Image.open(q).size == (3 * 5 + 1, 5) and Image.open(q).mode == "L"
+    assert Image.open(q).size == (3 * 5 + 1, 4 + 2) and Image.open(q).mode == "L"
     with pytest.raises(ValueError):
         save_grid(torch.rand(2, 2, 4, 4), str(tmp_path / "bad.png"))
 

@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -162,12 +162,28 @@ class ChainActor:
         from mmgm_ray.data import load_dataset
         return load_dataset(self.cfg.data).x
 
+    def _remove_stale_checkpoint_temps(self) -> None:
+        # a process killed while saving a block checkpoint leaves its hidden temp file behind
+        # (the writer's restore cleans the sample folders, not the checkpoint folders)
+        import posixpath
+
+        from mmgm_ray.store import fsutil
+        for b in self.block_ids:
+            folder = posixpath.dirname(self.store.checkpoint_path(b))
+            for name in fsutil.list_names(self.store.fs, folder):
+                if name.startswith(".") and name.endswith(".tmp"):
+                    try:
+                        self.store.fs.rm(posixpath.join(folder, name))
+                    except FileNotFoundError:
+                        pass
+
     def _restore(self) -> int:
         """Bring engine and writers to the oldest step every block has committed; return it."""
         if not self.write:
             self.engine.initialize(self._init_data())
             return 0
         cks = {b: self.writers[b].resume() for b in self.block_ids}
+        self._remove_stale_checkpoint_temps()
         steps = {b: (int(ck[1]["step"]) if ck is not None else 0) for b, ck in cks.items()}
         for b, ck in cks.items():
             if ck is not None and list(ck[1].get("layout", self.block_ids)) != self.block_ids:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional

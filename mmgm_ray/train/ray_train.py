@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from mmgm_ray.config import RunConfig, from_dict, to_dict
-from mmgm_ray.train.loop import (CKPT_FILE, LoopResult, Session, load_payload, read_metrics,
+from mmgm_ray.train.loop import (CKPT_FILE, Session, load_payload, read_metrics,
                                  run_dir_of, training_loop, write_config)
 from mmgm_ray.train.validate import RunPlan, check_cluster_resources, validate_run
 
