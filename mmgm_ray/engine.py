@@ -47,11 +47,14 @@ class WalkJumpEngine:
             of drawing N(0, I/M) directly. Makes a reduced walk follow the full walk with the same seed
             to round-off (a test hook; M times more random numbers).
         autocast_dtype: e.g. torch.bfloat16 to evaluate the network under autocast (state stays fp32).
+        num_chains: the run's total chain count; chains with id >= num_chains (padding in the last
+            block) are computed with their block but never emitted nor reported. None = all chains.
     """
 
     def __init__(self, model: ScoreModel, sampler: SamplerConfig, event_shape: Sequence[int],
                  run_seed: int, block_ids: Sequence[int], device: str | torch.device = "cpu",
-                 shared_full_noise: bool = False, autocast_dtype: Optional[torch.dtype] = None):
+                 shared_full_noise: bool = False, autocast_dtype: Optional[torch.dtype] = None,
+                 num_chains: Optional[int] = None):
         sampler.validate()
         self.model = model
         self.cfg = sampler
@@ -80,10 +83,19 @@ class WalkJumpEngine:
         blocks = torch.tensor(self.block_ids, dtype=torch.int64, device=self.device)
         self.block_of_chain = blocks.repeat_interleave(self.bs)
         self.chain_ids = self.block_of_chain * self.bs + torch.arange(self.bs, device=self.device).repeat(len(self.block_ids))
+        if num_chains is not None and num_chains < 1:
+            raise ValueError(f"num_chains must be >= 1, got {num_chains}")
+        self.num_chains = num_chains
         self.state: Optional[LangevinState] = None
-        self.alive = torch.ones(self.n_chains, dtype=torch.bool, device=self.device)
+        self.alive = self._initial_alive()
         self.step = 0
         self._reset_divergence_flags()
+
+    def _initial_alive(self) -> torch.Tensor:
+        """Every chain is live, except padding past ``num_chains`` (frozen, silent)."""
+        if self.num_chains is None:
+            return torch.ones(self.n_chains, dtype=torch.bool, device=self.device)
+        return self.chain_ids < self.num_chains
 
     # ---- shapes ---------------------------------------------------------------------------
     @property
@@ -122,7 +134,7 @@ class WalkJumpEngine:
         else:
             y = x0.unsqueeze(1) + self.sigma * eps
         self.state = LangevinState(y.contiguous(), torch.zeros_like(y))
-        self.alive = torch.ones(self.n_chains, dtype=torch.bool, device=self.device)
+        self.alive = self._initial_alive()
         self.step = 0
         self._reset_divergence_flags()
 

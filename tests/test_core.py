@@ -332,6 +332,19 @@ def test_save_restore_is_bitwise(walk, integrator, tmp_path):
         assert torch.equal(x, y)
 
 
+def test_num_chains_limits_emitted_chains_exactly():
+    oracle = gmm_oracle(M=2, sigma=1.0, d=3).float()
+    cfg = SamplerConfig(block_size=8, jump_every=2)
+    padded = WalkJumpEngine(oracle, cfg, (3,), 1, [0, 1], num_chains=13)
+    full = WalkJumpEngine(oracle, cfg, (3,), 1, [0, 1])
+    padded.initialize(); full.initialize()
+    a, b = padded.run_collect(10), full.run_collect(10)
+    assert sorted(set(a.chain_id.tolist())) == list(range(13))
+    keep = b.chain_id < 13
+    assert torch.equal(a.xhat, b.xhat[keep])                          # the 13 chains are unchanged
+    assert padded.divergences == []
+
+
 def test_block_layout_gives_identical_noise_and_round_off_jumps():
     oracle = gmm_oracle(M=4, sigma=1.0, d=3).float()
     cfg = SamplerConfig(block_size=10, jump_every=4)

@@ -122,7 +122,7 @@ class ChainActor:
         self.device = resolve_device(pool.device, pool.gpus_per_actor)
         self.model, self.event_shape, self.model_hash = load_sampling_model(self.cfg, self.device)
         self.engine = WalkJumpEngine(self.model, self.cfg.sampler, self.event_shape, self.cfg.seed,
-                                     self.block_ids, self.device)
+                                     self.block_ids, self.device, num_chains=pool.num_chains)
         self.bs = self.cfg.sampler.block_size
         self.write = bool(self.hooks.get("store", True))
         self.store = (SampleStore(store_root, run_id, event_shape=self.event_shape, config=self.cfg.store,
