@@ -113,7 +113,21 @@ def _add_diagnose(sub) -> None:
     p.set_defaults(func=_cmd_diagnose)
 
 
-_REGISTRARS = [_add_condition, _add_demo, _add_sample, _add_generate, _add_train, _add_diagnose]
+# ---- run: the main job ---------------------------------------------------------------------
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mmgm_ray import pipeline
+    return pipeline.cli(args)
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="the main job on Ray: train (Ray Train), sample (chain pool -> Parquet), "
+                                   "diagnose mixing, FID, PNG grid; rerun to resume")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_run)
+
+
+_REGISTRARS = [_add_run, _add_condition, _add_demo, _add_train, _add_sample, _add_generate, _add_diagnose]
 
 
 def register(fn):

@@ -352,6 +352,21 @@ class PoolConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What the main job (``mmgm run``) measures after sampling (mmgm_ray.pipeline)."""
+    grid_samples: int = 64          # last jumps of the first chains shown in samples.png
+    diagnose: bool = True           # R-hat / ESS / class transitions over the store
+    fid_samples: int = 200          # 0 = skip FID; Inception runs ~7 images/s on 2 CPU cores
+    fid_reference: int = 500        # training images for the reference statistics
+
+    def validate(self) -> None:
+        if self.grid_samples < 1 or self.fid_samples < 0 or self.fid_reference < 2:
+            raise ValueError("evaluate: grid_samples >= 1, fid_samples >= 0, fid_reference >= 2")
+        if 0 < self.fid_samples < 2:
+            raise ValueError("evaluate.fid_samples must be 0 or >= 2 (a covariance needs two samples)")
+
+
+@dataclass
 class OracleConfig:
     """Closed-form model used instead of a trained network (THEORY section 6)."""
     kind: Literal["none", "gaussian", "gmm"] = "none"
@@ -375,10 +390,12 @@ class RunConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
     model_path: Optional[str] = None  # trained artifact for sampling
 
     def validate(self) -> None:
-        for section in (self.noise, self.data, self.model, self.train, self.sampler, self.store, self.pool):
+        for section in (self.noise, self.data, self.model, self.train, self.sampler, self.store, self.pool,
+                        self.evaluate):
             section.validate()
         if self.model.kind != "universal" and self.sampler.walk == "reduced" and self.oracle.kind == "none":
             raise ValueError("sampler.walk='reduced' needs a universal model (model.kind='universal'); "

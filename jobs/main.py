@@ -1,0 +1,11 @@
+"""Main job for ``ray job submit``: train, sample into the Parquet store, diagnose and score.
+
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/main.py --config digits --set output=/shared/runs
+"""
+import sys
+
+from mmgm_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))
