@@ -57,8 +57,9 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
             ray.init()  # inside `ray job submit`: join the job's cluster
         else:
             # a local Ray; logical CPUs above the physical 2 leave a Train worker and the controller
-            # room on a small machine (RAY-NOTES)
-            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+            # room on a small machine (RAY-NOTES). The dashboard (bound to localhost, token auth on)
+            # hosts the State API that Ray Train's placement-group cleaner polls.
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), dashboard_host="127.0.0.1")
     t0 = time.perf_counter()
     report: dict = {"name": cfg.name, "output": cfg.output}
 

@@ -163,8 +163,12 @@ def run_ray_training(cfg: RunConfig, plan: Optional[RunPlan] = None, progress: b
     from ray.train.torch import TorchConfig, TorchTrainer
 
     plan = plan or validate_run(cfg)
+    # Train V2 reroutes worker print() through logging, so each progress line reached the driver
+    # twice; the driver propagates this switch to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # report() waits for the controller's poll (2 s by default, RAY-NOTES); also propagated by the driver
+    os.environ.setdefault(HEALTH_CHECK_ENV, "0.1")
     if not ray.is_initialized():
-        os.environ.setdefault(HEALTH_CHECK_ENV, "0.1")
         ray.init()  # connects to RAY_ADDRESS / a running cluster (as a job), else starts a local one
     check_cluster_resources(cfg)
     tc = cfg.train
