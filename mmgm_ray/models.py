@@ -13,6 +13,7 @@ this interface, so samplers, diagnostics and the pool are tested with no trainin
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -34,7 +35,7 @@ def _sq_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).float().pow(2).flatten(1).mean(1).mean()
 
 
-class ScoreModel(nn.Module):
+class ScoreModel(nn.Module, abc.ABC):
     """Base class: a Gaussian MNM plus the parametrization of its score."""
 
     universal: bool = False
@@ -54,15 +55,17 @@ class ScoreModel(nn.Module):
     def M(self) -> int:
         return self.noise.M
 
-    def score(self, y: torch.Tensor) -> ScoreOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def score(self, y: torch.Tensor) -> ScoreOutput:
+        """Per-channel score psi (B, M, *event) and jump xhat (B, *event) from one evaluation."""
 
     def jump(self, y: torch.Tensor) -> torch.Tensor:
         """xhat(y) = E[X | Y = y]."""
         return self.score(y).xhat
 
-    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training objective on a clean batch x (B, *event)."""
 
 
 class UniversalScoreModel(ScoreModel):
@@ -73,8 +76,9 @@ class UniversalScoreModel(ScoreModel):
 
     universal = True
 
-    def denoise(self, ybar: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def denoise(self, ybar: torch.Tensor) -> torch.Tensor:
+        """g(ybar) = E[X | ybar] (B, *event)."""
 
     def reduced_score(self, ybar: torch.Tensor) -> ScoreOutput:
         """psi_bar = (g(ybar) - ybar) / sigma^2 for the exact reduced walk (THEORY section 5)."""

@@ -196,7 +196,7 @@ def test_suggestion_mmgm_like_defaults():
 # ---- data ------------------------------------------------------------------------------------
 
 def test_covariance_eigenvalues_from_data_numpy_and_torch():
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(3)
     S = _random_spd(5, rng, rank=3)
     x = rng.multivariate_normal(np.ones(5), S, size=4000).reshape(4000, 1, 5).astype(np.float32)
@@ -213,10 +213,6 @@ def test_covariance_eigenvalues_from_data_numpy_and_torch():
 
 
 def test_cli_data_digits():
-    pytest.importorskip("mmgm_ray.data")
-    from mmgm_ray import data as data_mod
-    if not hasattr(data_mod, "load_dataset"):
-        pytest.skip("mmgm_ray.data.load_dataset not available yet")
     rc, out, err = _run_cli(["condition", "--data", "digits", "--M", "16", "--sigma", "1", "--json"])
     assert rc == 0, err
     rep = json.loads(out)
@@ -226,7 +222,6 @@ def test_cli_data_digits():
 
 
 def test_cli_data_unknown_name_exit_2():
-    pytest.importorskip("mmgm_ray.data")
     rc, _, err = _run_cli(["condition", "--data", "no_such_set"])
     assert rc == 2 and "data.name" in err
 
