@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # config and input errors: one clear line, no traceback
         print(f"mmgm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
