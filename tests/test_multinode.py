@@ -114,8 +114,11 @@ def test_worker_node_lost_mid_run_same_rows_bitwise(tmp_path):
     after = s["after_kill"]
     assert after, "no chunk came back from a new process for the killed actor's blocks"
     assert {a["pid"] for a in after}.isdisjoint({kill["pid"]})
-    # resumed from a committed checkpoint (not from scratch, not past what was committed)
-    assert mn.CKPT <= after[0]["restored_step"] <= kill["step"]
+    # resumed from a committed checkpoint (not from scratch, not from the end). It may be later than
+    # the step seen at removal: the old process lives ~0.5 s more, until it notices its node is gone,
+    # and can commit one more checkpoint; deterministic chains make that checkpoint valid.
+    restored = after[0]["restored_step"]
+    assert mn.CKPT <= restored < mn.STEPS and restored % mn.CKPT == 0, (restored, kill)
     assert after[-1]["step"] == mn.STEPS
     n_rows = mn.CHAINS * mn.STEPS // mn.JUMP
     assert run["rows"] == run["samples"] == ref["rows"] == n_rows
