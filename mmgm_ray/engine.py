@@ -17,7 +17,6 @@ is reported once as a ``DivergenceEvent``, its state is zeroed and frozen, and i
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Iterator, Optional, Sequence
 

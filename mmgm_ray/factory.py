@@ -106,8 +106,8 @@ def save_artifact(path: str, model: ScoreModel, cfg: RunConfig, event_shape: tup
                   data_stats: Optional[dict] = None, extra: Optional[dict] = None) -> str:
     """Write the sampling artifact (weights of ``model``, e.g. the EMA copy) to a path or URL.
 
-    Returns the model hash. The file is written whole to a temporary name and then moved, so a
-    reader never sees a partial artifact on a local file system.
+    Returns the model hash. Written like the sample store's files (``store.fsutil.atomic_write``):
+    a reader sees the previous artifact or the complete new one, never a partial file.
     """
     cfg_dict = to_dict(cfg)
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -119,16 +119,10 @@ def save_artifact(path: str, model: ScoreModel, cfg: RunConfig, event_shape: tup
         "data_stats": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in (data_stats or {}).items()},
         "extra": extra or {},
     }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
+    from mmgm_ray.store.fsutil import atomic_write  # the store's temp + rename / single-PUT write
+
     fs, p = fsspec.core.url_to_fs(path)
-    parent = p.rsplit("/", 1)[0] if "/" in p else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.{p.rsplit('/', 1)[-1]}.tmp" if parent else f".{p}.tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, p)
+    atomic_write(fs, p, lambda fh: torch.save(payload, fh))
     return digest
 
 

@@ -210,11 +210,9 @@ class LocalSession(Session):
     def report(self, metrics: dict, payload: Optional[dict]) -> None:
         if payload is None:
             return
-        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = self.path + ".tmp"
-        with self.fs.open(tmp, "wb") as f:
-            torch.save(payload, f)
-        self.fs.mv(tmp, self.path)  # a reader never sees half a checkpoint
+        from mmgm_ray.store.fsutil import atomic_write
+
+        atomic_write(self.fs, self.path, lambda f: torch.save(payload, f))  # never half a checkpoint
 
 
 def load_payload(f) -> dict:
