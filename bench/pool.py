@@ -66,9 +66,10 @@ def main() -> int:
 
     import ray
 
+    from mmgm_ray import faults
     from mmgm_ray.engine import chain_blocks
     from mmgm_ray.pool import run_pool
-    from mmgm_ray.pool.controller import run_bytes, split_layout
+    from mmgm_ray.pool.driver import run_bytes, split_layout
 
     out = tempfile.mkdtemp(prefix="mmgm-bench-pool-")
     cfg = make_cfg(out, "bench", args.chains, args.steps, args.actors, args.dim)
@@ -85,10 +86,12 @@ def main() -> int:
              runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}})
     try:
         res = {}
-        for label, hooks in (("pool_nostore", {"store": False}), ("pool_store", None)):
+        for label, skip_store in (("pool_nostore", True), ("pool_store", False)):
             c = make_cfg(out, label, args.chains, args.steps, args.actors, args.dim)
+            # the baseline's actors run their chains and discard the jumps (mmgm_ray.faults)
+            os.environ[faults.ENV] = json.dumps({"actor_skip_store": skip_store})
             t = time.perf_counter()
-            s = run_pool(c, progress=False, actor_hooks=hooks)
+            s = run_pool(c, progress=False)
             wall = time.perf_counter() - t
             res[label] = {"wall_s": wall, "steady_rate": s["chain_steps_per_s"], "queue_wait_s": s["queue_wait_s"],
                           "rows": s["rows"], "cpu_per_M": 1e6 * s["cpu_s"] / max(s["chain_steps_actors"], 1)}

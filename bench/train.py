@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 
     out = tempfile.mkdtemp(prefix="mmgm-bench-")
     base = [f"train.steps={args.steps}", "train.log_every=20", "train.checkpoint_every=100",
-            "train.preview_chains=0", "train.ema_eval_batch=0", f"output={out}"] + args.overrides
+            "train.preview.chains=0", "train.ema_eval_batch=0", f"output={out}"] + args.overrides
     figures = {}
 
     torch.set_num_threads(1)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "OMP_NUM_THREADS": "1"}})
     for nw in (1, 2):
-        cfg = load_config(args.config, base + [f"name=ray{nw}", f"train.num_workers={nw}"])
+        cfg = load_config(args.config, base + [f"name=ray{nw}", f"train.resources.num_workers={nw}"])
         t = time.perf_counter()
         run_ray_training(cfg, progress=False)
         wall = time.perf_counter() - t

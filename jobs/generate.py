@@ -1,13 +1,11 @@
-"""Ray job: generate a sample data set (burn-in, thinning) as Parquet, optionally PNGs.
+"""Ray job: `mmgm generate` (same flags), e.g.
 
-    ray job submit --working-dir . -- python jobs/generate.py --config gmm_sample --num-samples 10000 \
-        --burn-in 500 --thin 5 --out runs/gmm_samples.parquet
-
-Same flags as ``mmgm generate``; ``ray.init()`` joins the job's cluster when submitted.
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/generate.py --config CONFIG --set output=/shared/runs
 """
 import sys
 
-from mmgm_ray.pool.cli import job_main
+from mmgm_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(job_main("generate"))
+    sys.exit(main(["generate", *sys.argv[1:]]))

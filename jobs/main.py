@@ -1,7 +1,7 @@
-"""Main job for ``ray job submit``: train, sample into the Parquet store, diagnose and score.
+"""Ray job: `mmgm run` (same flags), e.g.
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python jobs/main.py --config digits --set output=/shared/runs
+        python jobs/main.py --config CONFIG --set output=/shared/runs
 """
 import sys
 

@@ -1,13 +1,11 @@
-"""Ray job: launch (or resume) a sampling run on the chain pool.
+"""Ray job: `mmgm sample` (same flags), e.g.
 
-    ray job submit --working-dir . -- python jobs/sample.py --config gmm_sample --set pool.num_steps=2000
-    python jobs/sample.py --resume runs/gmm_sample          # local: starts a Ray instance
-
-Same flags as ``mmgm sample``; ``ray.init()`` joins the job's cluster when submitted.
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/sample.py --config CONFIG --set output=/shared/runs
 """
 import sys
 
-from mmgm_ray.pool.cli import job_main
+from mmgm_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(job_main("sample"))
+    sys.exit(main(["sample", *sys.argv[1:]]))

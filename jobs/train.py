@@ -1,40 +1,11 @@
-"""Ray job entry point: ``ray job submit --working-dir . -- python jobs/train.py --config digits --set train.steps=200``.
+"""Ray job: `mmgm train` (same flags), e.g.
 
-Thin on purpose: parse, load the config, connect to the cluster the job runs on, call the library.
-Bad configs exit with status 2 and one error line before any worker starts.
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/train.py --config CONFIG --set output=/shared/runs
 """
-from __future__ import annotations
-
-import argparse
-import json
-import os
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="digits", help="YAML file or shipped config name")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-
-    from mmgm_ray.config import load_config
-    from mmgm_ray.train.ray_train import HEALTH_CHECK_ENV, run_ray_training
-    from mmgm_ray.train.validate import validate_run
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        plan = validate_run(cfg)  # before connecting: a bad config never reaches the cluster
-    except ValueError as e:
-        print(f"jobs/train.py: error: {e}", file=sys.stderr)
-        return 2
-    import ray
-
-    os.environ.setdefault(HEALTH_CHECK_ENV, "0.1")
-    ray.init()  # inside a job: connects to the cluster that runs it
-    res = run_ray_training(cfg, plan)
-    print(json.dumps({"artifact": res.artifact, "checkpoint": res.checkpoint_path, "metrics": res.metrics}))
-    return 0
-
+from mmgm_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -25,12 +25,13 @@ Pure numpy: importing this module (and ``mmgm condition``) never imports Ray or 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from mmgm_ray.validators import positive as check_positive
 
 DEFAULT_TARGET_KAPPA = 100.0
 
@@ -63,12 +64,9 @@ def _check_M(M: int, name: str = "M") -> int:
 
 def _check_sigma(sigma: float, name: str = "sigma") -> float:
     try:
-        s = float(sigma)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: must be a number > 0, got {sigma!r}") from None
-    if not math.isfinite(s) or s <= 0:
-        raise ValueError(f"{name}: must be a finite number > 0, got {sigma!r}")
-    return s
+        return check_positive(name, sigma)
+    except ValueError:  # `mmgm condition` names its arguments as "name: problem"
+        raise ValueError(f"{name}: must be a finite number > 0, got {sigma!r}") from None
 
 
 def parse_eigenvalues(text: str) -> np.ndarray:
@@ -338,18 +336,19 @@ def covariance_eigenvalues_from_data(x: Any, chunk: int = 4096) -> np.ndarray:
     return np.clip(ev, 0.0, None)
 
 
-def _eigenvalues_from_dataset(name: str, path: str | None) -> np.ndarray:
+def eigenvalues_of_dataset(name: str, path: str | None = None) -> np.ndarray:
+    """Sample-covariance eigenvalues of a shipped data set (``mmgm condition --data NAME``)."""
+    # imported here: the data loaders need torch, and `mmgm condition --eigenvalues` must not pay for it
     from mmgm_ray.config import DataConfig
     from mmgm_ray.data import load_dataset
 
     cfg = DataConfig(name=name, path=path)
     cfg.validate()  # unknown name / missing path -> ValueError naming data.name / data.path
-    ds = load_dataset(cfg)
-    return covariance_eigenvalues_from_data(ds.x)
+    return covariance_eigenvalues_from_data(load_dataset(cfg).x)
 
 
 # --------------------------------------------------------------------------------------------
-# CLI
+# Report (what `mmgm condition` prints)
 # --------------------------------------------------------------------------------------------
 
 def report(eigenvalues: Sequence[float], M: int | None = None, sigma: float | None = None,
@@ -392,23 +391,13 @@ def _fmt_spectrum(spec: list[list[float]], head: int = 6, tail: int = 2) -> list
     return rows
 
 
-def cli(args: Any) -> int:
-    """Entry point of ``mmgm condition`` (parser in mmgm_ray.cli)."""
-    if getattr(args, "eigenvalues", None) is not None:
-        lam = parse_eigenvalues(args.eigenvalues)
-        source = "eigenvalues"
-    else:
-        lam = _eigenvalues_from_dataset(args.data, getattr(args, "data_path", None))
-        source = f"data set {args.data!r} (sample covariance)"
-    rep = report(lam, M=args.M, sigma=args.sigma, target_kappa=args.target_kappa)
-    rep["source"] = source
-    if args.json:
-        print(json.dumps(rep))
-        return 0
+def format_report(rep: dict[str, Any]) -> str:
+    """The human-readable form of :func:`report` (plus its ``source`` line)."""
     e, s = rep["eigenvalues"], rep["suggestion"]
     picked = f" ({', '.join(rep['from_suggestion'])} from the suggestion)" if rep["from_suggestion"] else ""
     lines = [
-        f"source: {source}; d = {e['d']}, lambda_max = {e['max']:.6g}, lambda_min = {e['min']:.6g}",
+        f"source: {rep.get('source', 'eigenvalues')}; d = {e['d']}, lambda_max = {e['max']:.6g}, "
+        f"lambda_min = {e['min']:.6g}",
         f"M = {rep['M']}, sigma = {rep['sigma']:.6g}, sigma_eff = sigma/sqrt(M) = {rep['sigma_eff']:.6g}{picked}",
         "Cov(Y) eigenvalues (value x multiplicity):",
         *_fmt_spectrum(rep["spectrum"]),
@@ -422,5 +411,4 @@ def cli(args: Any) -> int:
         f"ybar kappa = {s['kappa_ybar']:.6g})",
         *[f"  note: {n}" for n in s["notes"]],
     ]
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)

@@ -7,7 +7,6 @@ config fails before any worker starts. Each section's ``validate()`` checks valu
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
+
+from mmgm_ray import validators as check
 
 T = TypeVar("T")
 
@@ -36,14 +37,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except ValueError as e:  # try the next alternative
-                errors.append(str(e))
+            except ValueError:  # try the next alternative
+                continue
         raise ValueError(f"config key '{key}': {value!r} does not match {_type_name(tp)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -85,10 +85,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys that moved to their own sections (0.2): named in the error so old configs are easy to fix.
+_MOVED = {**{f"train.{k}": f"train.resources.{k}" for k in
+             ("num_workers", "use_gpu", "cpus_per_worker", "backend", "max_failures", "num_to_keep")},
+          **{f"train.preview_{k}": f"train.preview.{k}" for k in ("every", "chains", "steps", "nrow", "scale")},
+          **{f"pool.{k}": f"generate.{k}" for k in ("num_samples", "burn_in", "thin")}}
+
+
 def _from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
+    moved = {f"{prefix}.{k}": _MOVED[f"{prefix}.{k}"] for k in sorted(unknown) if f"{prefix}.{k}" in _MOVED}
+    if moved:
+        raise ValueError("config key(s) moved: " + ", ".join(f"{a} is now {b}" for a, b in moved.items()))
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
         raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where}; allowed: {sorted(names)}")
@@ -128,13 +138,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -147,9 +150,8 @@ class NoiseConfig:
     M: int = 8                  # number of measurements
 
     def validate(self) -> None:
-        _positive("noise.sigma", self.sigma)
-        if self.M < 1:
-            raise ValueError(f"noise.M must be >= 1, got {self.M}")
+        check.positive("noise.sigma", self.sigma)
+        check.at_least("noise.M", self.M, 1)
 
 
 @dataclass
@@ -167,14 +169,12 @@ class SamplerConfig:
     divergence_threshold: float = 1e4  # |y|_inf above this (or non-finite) marks a chain diverged
 
     def validate(self) -> None:
-        _positive("sampler.delta", self.delta, allow_none=True)
-        _positive("sampler.gamma", self.gamma)
-        _positive("sampler.u", self.u)
-        _positive("sampler.divergence_threshold", self.divergence_threshold)
-        if self.jump_every < 1:
-            raise ValueError(f"sampler.jump_every must be >= 1, got {self.jump_every}")
-        if self.block_size < 1:
-            raise ValueError(f"sampler.block_size must be >= 1, got {self.block_size}")
+        check.positive("sampler.delta", self.delta, allow_none=True)
+        check.positive("sampler.gamma", self.gamma)
+        check.positive("sampler.u", self.u)
+        check.positive("sampler.divergence_threshold", self.divergence_threshold)
+        check.at_least("sampler.jump_every", self.jump_every, 1)
+        check.at_least("sampler.block_size", self.block_size, 1)
 
     def resolved_delta(self, sigma: float) -> float:
         return float(self.delta) if self.delta is not None else 0.5 * float(sigma)
@@ -195,17 +195,15 @@ class DataConfig:
     hflip: bool = False          # random left-right flips in the training loader (MMGM CIFAR-10 recipe)
 
     def validate(self) -> None:
-        known = {"digits", "mnist", "fashion_mnist", "cifar10", "parquet", "gmm"}
+        known = ["digits", "mnist", "fashion_mnist", "cifar10", "parquet", "gmm"]
         if self.name not in known:
-            raise ValueError(f"data.name: unknown data set {self.name!r}; known: {sorted(known)}")
+            raise ValueError(f"data.name: unknown data set {self.name!r}; known: {known}")
         if self.name in {"mnist", "cifar10", "parquet"} and not self.path:
             raise ValueError(f"data.path is required for data set {self.name!r}")
-        if self.split not in {"train", "test"}:
-            raise ValueError(f"data.split must be 'train' or 'test', got {self.split!r}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"data.limit must be >= 1 (or null), got {self.limit}")
-        if self.gmm_components < 1 or self.gmm_dim < 1 or self.gmm_samples < 1:
-            raise ValueError("data.gmm_components, gmm_dim and gmm_samples must be >= 1")
+        check.one_of("data.split", self.split, ["train", "test"])
+        check.at_least("data.limit", self.limit, 1, allow_none=True)
+        for key in ("gmm_components", "gmm_dim", "gmm_samples"):
+            check.at_least(f"data.{key}", getattr(self, key), 1)
 
 
 @dataclass
@@ -223,14 +221,15 @@ class NetConfig:
     zero_init_out: bool = True         # last layer starts at zero: initial output 0, whatever the input
 
     def validate(self) -> None:
-        if self.channels < 1 or self.hidden < 1 or self.depth < 1 or self.num_res_blocks < 0:
-            raise ValueError("net: channels, hidden and depth must be >= 1, num_res_blocks >= 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"net.dropout must be in [0, 1), got {self.dropout}")
+        for key in ("channels", "hidden", "depth"):
+            check.at_least(f"model.net.{key}", getattr(self, key), 1)
+        check.at_least("model.net.num_res_blocks", self.num_res_blocks, 0)
+        check.in_range("model.net.dropout", self.dropout, 0.0, 1.0)
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"net.channel_mult must be a non-empty list of integers >= 1, got {self.channel_mult}")
+            raise ValueError(f"model.net.channel_mult must be a non-empty list of integers >= 1, "
+                             f"got {self.channel_mult}")
         if any(r < 1 for r in self.attn_resolutions):
-            raise ValueError(f"net.attn_resolutions must hold resolutions >= 1, got {self.attn_resolutions}")
+            raise ValueError(f"model.net.attn_resolutions must hold resolutions >= 1, got {self.attn_resolutions}")
 
 
 @dataclass
@@ -245,60 +244,77 @@ class ModelConfig:
 
     def validate(self) -> None:
         self.net.validate()
+        check.positive("model.sigma_data", self.sigma_data)
+
+
+@dataclass
+class TrainResources:
+    """Where training runs on Ray Train: workers, devices, retries (Ray's Scaling/Failure/Checkpoint configs)."""
+    num_workers: int = 1            # Ray Train workers (DDP when > 1)
+    use_gpu: bool = False           # one GPU per worker
+    cpus_per_worker: float = 1.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # DDP backend; auto = nccl with GPUs, gloo on CPU
+    max_failures: int = 2           # worker-group restarts from the latest checkpoint (-1 = forever)
+    num_to_keep: int = 2            # checkpoints kept in storage
+
+    def validate(self) -> None:
+        check.at_least("train.resources.num_workers", self.num_workers, 1)
+        check.positive("train.resources.cpus_per_worker", self.cpus_per_worker)
+        check.at_least("train.resources.max_failures", self.max_failures, -1)
+        check.at_least("train.resources.num_to_keep", self.num_to_keep, 1)
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ValueError("train.resources.backend='nccl' needs train.resources.use_gpu=true (NCCL is GPU-only)")
+
+
+@dataclass
+class PreviewConfig:
+    """Preview chains drawn with the EMA model during training (a PNG grid under previews/)."""
+    every: int = 0                  # steps between previews; 0 = only at the end
+    chains: int = 64                # 0 = no previews
+    steps: int = 200                # walk steps per preview chain
+    nrow: int = 8                   # images per row
+    scale: int = 1                  # pixel enlargement (8x8 digits: 4)
+
+    def validate(self) -> None:
+        for key in ("every", "chains", "steps"):
+            check.at_least(f"train.preview.{key}", getattr(self, key), 0)
+        check.at_least("train.preview.nrow", self.nrow, 1)
+        check.at_least("train.preview.scale", self.scale, 1)
 
 
 @dataclass
 class TrainConfig:
-    """Training loop (mmgm_ray.train)."""
+    """The training loop (mmgm_ray.train.loop): optimization, EMA, logging, checkpoints."""
     steps: int = 2000
     batch_size: int = 128           # per worker
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0          # 0 = off
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     ema_decay: float = 0.999
+    ema_warmup: bool = True         # EMA decay min(ema_decay, (1+t)/(10+t)): short runs get a useful EMA
+    ema_eval_batch: int = 256       # fixed held-out batch for the occasional EMA loss (0 = off)
     bf16: bool = True               # autocast to bf16 on GPU (ignored on CPU)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # in-process runs; Ray workers use their assigned device
     log_every: int = 50
     checkpoint_every: int = 500
-    preview_every: int = 0          # 0 = only at the end
-    preview_chains: int = 64
-    preview_steps: int = 200
-    num_workers: int = 1            # Ray Train workers
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    num_to_keep: int = 2
-    # --- added by the training loop (mmgm_ray.train) ---
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
-    ema_warmup: bool = True         # EMA decay min(ema_decay, (1+t)/(10+t)): short runs get a useful EMA
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # in-process runs; Ray workers use their assigned device
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # DDP backend; auto = nccl with GPUs, gloo on CPU
-    ema_eval_batch: int = 256       # fixed held-out batch for the occasional EMA loss (0 = off)
-    preview_nrow: int = 8           # images per row in preview grids
-    preview_scale: int = 1          # pixel enlargement of preview grids (8x8 digits: 4)
+    resources: TrainResources = field(default_factory=TrainResources)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
 
     def validate(self) -> None:
+        check.positive("train.steps", self.steps)
+        check.positive("train.batch_size", self.batch_size)
+        check.positive("train.lr", self.lr)
+        for key in ("weight_decay", "warmup_steps", "grad_clip", "ema_eval_batch"):
+            check.at_least(f"train.{key}", getattr(self, key), 0)
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
-        for name in ("log_every", "checkpoint_every", "preview_nrow", "preview_scale"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("preview_every", "preview_chains", "preview_steps", "ema_eval_batch"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_failures < -1:
-            raise ValueError(f"train.max_failures must be >= 0 (or -1 = retry forever), got {self.max_failures}")
-        if self.num_to_keep < 1:
-            raise ValueError(f"train.num_to_keep must be >= 1, got {self.num_to_keep}")
-        _positive("train.lr", self.lr)
-        _positive("train.steps", self.steps)
-        _positive("train.batch_size", self.batch_size)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("train.weight_decay, warmup_steps and grad_clip must be >= 0")
-        _positive("train.num_workers", self.num_workers)
-        _positive("train.cpus_per_worker", self.cpus_per_worker)
+        check.in_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+        check.at_least("train.log_every", self.log_every, 1)
+        check.at_least("train.checkpoint_every", self.checkpoint_every, 1)
+        self.resources.validate()
+        self.preview.validate()
 
 
 @dataclass
@@ -310,17 +326,14 @@ class StoreConfig:
     compression: str = "zstd"       # Parquet codec: zstd | snappy | gzip | brotli | lz4 | none
 
     def validate(self) -> None:
-        _positive("store.rows_per_file", self.rows_per_file)
-        if self.steps_per_file < 0:
-            raise ValueError("store.steps_per_file must be >= 0")
-        codecs = ("zstd", "snappy", "gzip", "brotli", "lz4", "none")
-        if self.compression not in codecs:
-            raise ValueError(f"store.compression must be one of {list(codecs)}, got {self.compression!r}")
+        check.positive("store.rows_per_file", self.rows_per_file)
+        check.at_least("store.steps_per_file", self.steps_per_file, 0)
+        check.one_of("store.compression", self.compression, ["zstd", "snappy", "gzip", "brotli", "lz4", "none"])
 
 
 @dataclass
 class PoolConfig:
-    """Ray chain pool (mmgm_ray.pool)."""
+    """Ray chain pool (mmgm_ray.pool): how many chains, how long, on which actors."""
     num_chains: int = 1000
     num_steps: int = 1000
     num_actors: int = 2
@@ -331,24 +344,29 @@ class PoolConfig:
     device: str = "auto"            # auto | cpu | cuda
     queue_size: int = 8             # bounded queue between the chain loop and the writer
     chunk_steps: int = 0            # walk steps per advance() call (multiple of checkpoint_every; 0 = one interval)
-    # mmgm generate: samples wanted (0 = one per chain), walk steps discarded, keep every thin-th jump
-    num_samples: int = 0
-    burn_in: int = 0
-    thin: int = 1
 
     def validate(self) -> None:
-        for name in ("num_chains", "num_steps", "num_actors", "checkpoint_every", "queue_size", "thin"):
-            _positive(f"pool.{name}", getattr(self, name))
-        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
-            raise ValueError("pool.cpus_per_actor and pool.gpus_per_actor must be >= 0")
-        if self.max_restarts < 0 or self.num_samples < 0 or self.burn_in < 0 or self.chunk_steps < 0:
-            raise ValueError("pool.max_restarts, num_samples, burn_in and chunk_steps must be >= 0")
-        if self.chunk_steps % self.checkpoint_every:
-            # chunks end on checkpoints, so a stop or a retry never leaves an uncommitted tail
-            raise ValueError(f"pool.chunk_steps={self.chunk_steps} must be a multiple of "
-                             f"pool.checkpoint_every={self.checkpoint_every}")
+        for key in ("num_chains", "num_steps", "num_actors", "checkpoint_every", "queue_size"):
+            check.at_least(f"pool.{key}", getattr(self, key), 1)
+        for key in ("cpus_per_actor", "gpus_per_actor", "max_restarts", "chunk_steps"):
+            check.at_least(f"pool.{key}", getattr(self, key), 0)
+        # chunks end on checkpoints, so a stop or a retry never leaves an uncommitted tail
+        check.multiple_of("pool.chunk_steps", self.chunk_steps, "pool.checkpoint_every", self.checkpoint_every)
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"pool.device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass
+class GenerateConfig:
+    """``mmgm generate``: which jumps of the chains become the sample data set."""
+    num_samples: int = 0            # samples wanted (0 = one per chain)
+    burn_in: int = 0                # walk steps discarded at the start of every chain
+    thin: int = 1                   # keep every thin-th jump per chain
+
+    def validate(self) -> None:
+        check.at_least("generate.num_samples", self.num_samples, 0)
+        check.at_least("generate.burn_in", self.burn_in, 0)
+        check.at_least("generate.thin", self.thin, 1)
 
 
 @dataclass
@@ -356,14 +374,15 @@ class EvalConfig:
     """What the main job (``mmgm run``) measures after sampling (mmgm_ray.pipeline)."""
     grid_samples: int = 64          # last jumps of the first chains shown in samples.png
     diagnose: bool = True           # R-hat / ESS / class transitions over the store
-    fid_samples: int = 200          # 0 = skip FID; Inception runs ~7 images/s on 2 CPU cores
+    fid_samples: int = 200          # 0 = skip FID (Inception is slow on CPUs: keep it small there)
     fid_reference: int = 500        # training images for the reference statistics
 
     def validate(self) -> None:
-        if self.grid_samples < 1 or self.fid_samples < 0 or self.fid_reference < 2:
-            raise ValueError("evaluate: grid_samples >= 1, fid_samples >= 0, fid_reference >= 2")
-        if 0 < self.fid_samples < 2:
-            raise ValueError("evaluate.fid_samples must be 0 or >= 2 (a covariance needs two samples)")
+        check.at_least("evaluate.grid_samples", self.grid_samples, 1)
+        check.at_least("evaluate.fid_reference", self.fid_reference, 2)
+        if self.fid_samples != 0:
+            # a covariance needs two samples
+            check.at_least("evaluate.fid_samples (0 = off)", self.fid_samples, 2)
 
 
 @dataclass
@@ -374,6 +393,17 @@ class OracleConfig:
     covs: list[list[list[float]]] = field(default_factory=list)  # K x d x d (or empty -> identity*var)
     var: float = 1.0
     weights: list[float] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check.positive("oracle.var", self.var)
+        k = len(self.means)
+        if self.covs and len(self.covs) != k:
+            raise ValueError(f"oracle.covs has {len(self.covs)} matrices for {k} means")
+        if self.weights and (len(self.weights) != k or any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
+            raise ValueError(f"oracle.weights must be {k} non-negative numbers with a positive sum, "
+                             f"got {self.weights}")
+        if k and len({len(m) for m in self.means}) != 1:
+            raise ValueError("oracle.means must all have the same dimension")
 
 
 @dataclass
@@ -390,16 +420,24 @@ class RunConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     model_path: Optional[str] = None  # trained artifact for sampling
 
     def validate(self) -> None:
-        for section in (self.noise, self.data, self.model, self.train, self.sampler, self.store, self.pool,
-                        self.evaluate):
+        check.run_name("name", self.name)
+        check.at_least("seed", self.seed, 0)
+        for section in (self.noise, self.data, self.model, self.oracle, self.train, self.sampler, self.store,
+                        self.pool, self.generate, self.evaluate):
             section.validate()
         if self.model.kind != "universal" and self.sampler.walk == "reduced" and self.oracle.kind == "none":
             raise ValueError("sampler.walk='reduced' needs a universal model (model.kind='universal'); "
                              "use sampler.walk='full' for MDAE / MEM^2")
+
+    @property
+    def run_dir(self) -> str:
+        """``{output}/{name}``: where the run's config, checkpoints, artifact or sample store live."""
+        return f"{str(self.output).rstrip('/')}/{self.name}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -18,7 +18,7 @@ is reported once as a ``DivergenceEvent``, its state is zeroed and frozen, and i
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -30,6 +30,22 @@ from mmgm_ray.jumps import DivergenceEvent, JumpBatch
 from mmgm_ray.models import ScoreModel
 
 STATE_VERSION = 1
+
+
+class EngineState(NamedTuple):
+    """The exact state of an engine's chains at one walk step (THEORY section 4).
+
+    The noise needs no state: it is counter-based (``mmgm_ray.rng``), keyed by the step.
+    """
+    y: torch.Tensor       # positions: (N, *event) for the reduced walk, (N, M, *event) for the full walk
+    v: torch.Tensor       # velocities, shaped like y
+    alive: torch.Tensor   # bool (N,): False for diverged chains and for padding past num_chains
+    step: int             # walk steps taken so far
+
+    @property
+    def langevin(self) -> LangevinState:
+        """What the integrators step: (y, v)."""
+        return LangevinState(self.y, self.v)
 
 
 class WalkJumpEngine:
@@ -85,16 +101,25 @@ class WalkJumpEngine:
         if num_chains is not None and num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {num_chains}")
         self.num_chains = num_chains
-        self.state: Optional[LangevinState] = None
-        self.alive = self._initial_alive()
-        self.step = 0
-        self._reset_divergence_flags()
+        self.state: Optional[EngineState] = None
+        self._reset_divergence_flags(self._initial_alive())
 
     def _initial_alive(self) -> torch.Tensor:
         """Every chain is live, except padding past ``num_chains`` (frozen, silent)."""
         if self.num_chains is None:
             return torch.ones(self.n_chains, dtype=torch.bool, device=self.device)
         return self.chain_ids < self.num_chains
+
+    # ---- state ----------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Walk steps taken (0 before ``initialize``)."""
+        return self.state.step if self.state is not None else 0
+
+    @property
+    def alive(self) -> torch.Tensor:
+        """bool (N,): chains still running (not diverged, not padding)."""
+        return self.state.alive if self.state is not None else self._initial_alive()
 
     # ---- shapes ---------------------------------------------------------------------------
     @property
@@ -132,10 +157,8 @@ class WalkJumpEngine:
             y = x0 + (self.sigma * eps.mean(1) if full_eps else self.model.noise.sigma_eff * eps)
         else:
             y = x0.unsqueeze(1) + self.sigma * eps
-        self.state = LangevinState(y.contiguous(), torch.zeros_like(y))
-        self.alive = self._initial_alive()
-        self.step = 0
-        self._reset_divergence_flags()
+        self.state = EngineState(y.contiguous(), torch.zeros_like(y), self._initial_alive(), 0)
+        self._reset_divergence_flags(self.state.alive)
 
     # ---- one step -------------------------------------------------------------------------
     def _noise(self, step: int) -> torch.Tensor:
@@ -172,18 +195,18 @@ class WalkJumpEngine:
         Runs on the device with no host synchronization (a GPU keeps running ahead); flagged
         chains are turned into ``DivergenceEvent``s lazily by ``_collect_divergences``.
         """
-        y, v = self.state
+        y, v, alive, step = self.state
         n = self.n_chains
         finite = (torch.isfinite(y.reshape(n, -1)).all(1) & torch.isfinite(v.reshape(n, -1)).all(1)
                   & torch.isfinite(out.xhat.reshape(n, -1)).all(1) & torch.isfinite(out.psi.reshape(n, -1)).all(1))
         big = y.reshape(n, -1).abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).amax(1)
-        bad = (~finite | (big > self.cfg.divergence_threshold)) & self.alive
-        self._div_step = torch.where(bad, self.step, self._div_step)
+        bad = (~finite | (big > self.cfg.divergence_threshold)) & alive
+        self._div_step = torch.where(bad, step, self._div_step)
         self._div_nonfinite = torch.where(bad, ~finite, self._div_nonfinite)
-        self.alive = self.alive & ~bad
+        alive = alive & ~bad
         # Freeze diverged chains at 0 so NaN/inf never reaches the batch's arithmetic again.
-        mask = self.alive.reshape(-1, *([1] * (y.dim() - 1)))
-        self.state = LangevinState(torch.where(mask, y, 0.0), torch.where(mask, v, 0.0))
+        mask = alive.reshape(-1, *([1] * (y.dim() - 1)))
+        self.state = EngineState(torch.where(mask, y, 0.0), torch.where(mask, v, 0.0), alive, step)
 
     def _collect_divergences(self) -> None:
         """Turn newly flagged chains into events (one host sync)."""
@@ -198,15 +221,23 @@ class WalkJumpEngine:
 
     @property
     def divergences(self) -> list[DivergenceEvent]:
-        """Every divergence so far, in detection order (the list may be drained by the caller)."""
+        """Every divergence since ``initialize`` / restore, in detection order (a copy)."""
         self._collect_divergences()
-        return self._divergences
+        return list(self._divergences)
 
-    def _reset_divergence_flags(self) -> None:
+    def drain_divergences(self) -> list[DivergenceEvent]:
+        """Divergences detected since the previous call, in detection order."""
+        self._collect_divergences()
+        new = self._divergences[self._drained:]
+        self._drained = len(self._divergences)
+        return new
+
+    def _reset_divergence_flags(self, alive: torch.Tensor) -> None:
         self._div_step = torch.full((self.n_chains,), -1, dtype=torch.int64, device=self.device)
         self._div_nonfinite = torch.zeros(self.n_chains, dtype=torch.bool, device=self.device)
-        self._div_reported = ~self.alive      # chains already dead at restore were reported before
-        self._divergences = []
+        self._div_reported = ~alive      # chains already dead at restore were reported before
+        self._divergences: list[DivergenceEvent] = []
+        self._drained = 0
 
     def step_once(self) -> Optional[JumpBatch]:
         """Advance every chain one walk step; return the jumps if this step is a jump step."""
@@ -214,9 +245,8 @@ class WalkJumpEngine:
             raise RuntimeError("call initialize() or load_state_dict() first")
         noise = self._noise(self.step + 1)
         with torch.no_grad():
-            new_state, out = self.integrator(self.state, self._score_fn(), self.params, noise)
-        self.state = new_state
-        self.step += 1
+            new, out = self.integrator(self.state.langevin, self._score_fn(), self.params, noise)
+        self.state = EngineState(new.y, new.v, self.state.alive, self.state.step + 1)
         self._check_divergence(out)
         if self.step % self.cfg.jump_every != 0:
             return None
@@ -251,23 +281,24 @@ class WalkJumpEngine:
         return JumpBatch.cat(batches) if batches else None
 
     # ---- save / restore -------------------------------------------------------------------
-    def _header(self) -> dict:
+    def header(self) -> dict:
+        """What a saved state must match to be restored here (seed, block size, walk, M, shape)."""
         return {"version": STATE_VERSION, "run_seed": self.run_seed, "block_size": self.bs,
                 "walk": self.cfg.walk, "M": self.M, "event_shape": list(self.event_shape)}
 
     def state_dict(self, block_ids: Optional[Sequence[int]] = None) -> dict:
-        """Exact chain state (positions, velocities, alive flags, step; the RNG is counter-based).
+        """Exact chain state of the engine, or of ``block_ids`` only (per-block checkpoints).
 
-        With ``block_ids`` only those blocks are included (per-block checkpoints of the pool).
-        Tensors are returned on the CPU.
+        A plain dict (``torch.save`` / ``weights_only`` safe): the header, ``step``, ``block_ids``
+        and the :class:`EngineState` tensors of those blocks' chains, on the CPU.
         """
         if self.state is None:
             raise RuntimeError("engine not initialized")
         blocks = self.block_ids if block_ids is None else [int(b) for b in block_ids]
         rows = self._rows(blocks)
-        return {**self._header(), "step": self.step, "block_ids": blocks,
+        return {**self.header(), "step": self.step, "block_ids": blocks,
                 "y": self.state.y[rows].cpu().clone(), "v": self.state.v[rows].cpu().clone(),
-                "alive": self.alive[rows].cpu().clone()}
+                "alive": self.state.alive[rows].cpu().clone()}
 
     def _rows(self, blocks: Sequence[int]) -> torch.Tensor:
         pos = {b: i for i, b in enumerate(self.block_ids)}
@@ -277,40 +308,50 @@ class WalkJumpEngine:
         return torch.cat([torch.arange(pos[b] * self.bs, (pos[b] + 1) * self.bs, device=self.device)
                           for b in blocks])
 
-    def load_state_dict(self, sd: dict, block_ids: Optional[Sequence[int]] = None) -> None:
-        """Restore a state written by ``state_dict`` (whole engine, or some of its blocks).
+    def load_state_dict(self, sd: dict | Sequence[dict]) -> None:
+        """Restore a state written by ``state_dict``: of the whole engine, of some of its blocks,
+        or a list of such dicts (e.g. one per block, as the pool's block checkpoints hold them).
 
-        All restored blocks must share one step; the header (seed, block size, walk, M, shape)
-        must match, or ValueError says which field differs.
+        All restored blocks must share one step, and a fresh engine (no ``initialize``) needs
+        every block it holds. The header (seed, block size, walk, M, shape) must match, or
+        ValueError says which field differs.
         """
-        header = self._header()
-        for key, val in header.items():
+        sd = _join_state_dicts(sd) if isinstance(sd, (list, tuple)) else sd
+        for key, val in self.header().items():
             if sd.get(key) != val:
                 raise ValueError(f"checkpoint {key}={sd.get(key)!r} does not match engine {key}={val!r}")
-        blocks = list(sd["block_ids"]) if block_ids is None else [int(b) for b in block_ids]
-        if list(sd["block_ids"]) != blocks:
-            raise ValueError(f"checkpoint holds blocks {sd['block_ids']}, asked to restore {blocks}")
+        blocks, step = [int(b) for b in sd["block_ids"]], int(sd["step"])
         if self.state is None:
             if sorted(blocks) != sorted(self.block_ids):
                 raise ValueError("restore into a fresh engine needs every block it holds")
-            shape = (self.n_chains, *self._chain_shape())
-            self.state = LangevinState(torch.zeros(shape, device=self.device),
-                                       torch.zeros(shape, device=self.device))
-            self.step = int(sd["step"])
-        elif int(sd["step"]) != self.step:
-            raise ValueError(f"checkpoint is at step {sd['step']}, engine at step {self.step}")
+            zeros = torch.zeros((self.n_chains, *self._chain_shape()), device=self.device)
+            self.state = EngineState(zeros, zeros.clone(), self._initial_alive(), step)
+        elif step != self.step:
+            raise ValueError(f"checkpoint is at step {step}, engine at step {self.step}")
         rows = self._rows(blocks)
         expect = (len(rows), *self._chain_shape())
         if tuple(sd["y"].shape) != expect or tuple(sd["v"].shape) != expect:
             raise ValueError(f"checkpoint state shape {tuple(sd['y'].shape)} != expected {expect}")
-        y, v = self.state.y.clone(), self.state.v.clone()
+        y, v, alive = self.state.y.clone(), self.state.v.clone(), self.state.alive.clone()
         y[rows] = sd["y"].to(self.device, y.dtype)
         v[rows] = sd["v"].to(self.device, v.dtype)
-        self.state = LangevinState(y, v)
-        self.alive[rows] = sd["alive"].to(self.device)
-        self.step = int(sd["step"])
-        self._div_reported[rows] = ~self.alive[rows]
+        alive[rows] = sd["alive"].to(self.device)
+        self.state = EngineState(y, v, alive, step)
+        self._div_reported[rows] = ~alive[rows]
         self._div_step[rows] = -1
+
+
+def _join_state_dicts(sds: Sequence[dict]) -> dict:
+    """One state dict from several (same header and step), blocks in the given order."""
+    if not sds:
+        raise ValueError("no state dicts to restore")
+    first = sds[0]
+    for sd in sds[1:]:
+        for key in (*first.keys() - {"block_ids", "y", "v", "alive"},):
+            if sd.get(key) != first.get(key):
+                raise ValueError(f"block states disagree on {key}: {first.get(key)!r} vs {sd.get(key)!r}")
+    return {**first, "block_ids": [b for sd in sds for b in sd["block_ids"]],
+            **{k: torch.cat([sd[k] for sd in sds]) for k in ("y", "v", "alive")}}
 
 
 def chain_blocks(num_chains: int, block_size: int) -> list[int]:

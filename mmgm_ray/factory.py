@@ -17,9 +17,12 @@ import fsspec
 import torch
 
 from mmgm_ray.config import RunConfig, from_dict, to_dict
+from mmgm_ray.data.synthetic import gmm_parameters
 from mmgm_ray.models import MDAE, MEM2, ScoreModel, UniversalDenoiser
+from mmgm_ray.nets import build_net
 from mmgm_ray.noise import GaussianMNM
 from mmgm_ray.oracles import GaussianOracle, GMMOracle
+from mmgm_ray.store.fsutil import atomic_write  # the store's temp + rename / single-PUT write
 
 ARTIFACT_FORMAT = "mmgm-model"
 ARTIFACT_VERSION = 1
@@ -34,8 +37,6 @@ def build_noise(cfg: RunConfig) -> GaussianMNM:
 
 def build_score_model(cfg: RunConfig, event_shape: tuple[int, ...]) -> ScoreModel:
     """A learnable score model (universal / MDAE / MEM^2) wrapping the configured network."""
-    from mmgm_ray.nets import build_net  # keeps `import mmgm_ray.factory` light for oracle-only use
-
     noise = build_noise(cfg)
     m = cfg.model
     if m.kind == "universal":
@@ -66,7 +67,6 @@ def build_oracle(cfg: RunConfig, event_shape: Optional[tuple[int, ...]] = None) 
                 else o.var * torch.eye(d, dtype=torch.float64).expand(K, d, d).clone())
         weights = torch.tensor(o.weights or [1.0 / K] * K, dtype=torch.float64)
     elif cfg.data.name == "gmm":
-        from mmgm_ray.data.synthetic import gmm_parameters
         p = gmm_parameters(cfg.data.gmm_components, cfg.data.gmm_dim, cfg.data.gmm_seed)
         means, covs, weights = p["means"].double(), p["covs"].double(), p["weights"].double()
         weights = weights / weights.sum()
@@ -119,8 +119,6 @@ def save_artifact(path: str, model: ScoreModel, cfg: RunConfig, event_shape: tup
         "data_stats": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in (data_stats or {}).items()},
         "extra": extra or {},
     }
-    from mmgm_ray.store.fsutil import atomic_write  # the store's temp + rename / single-PUT write
-
     fs, p = fsspec.core.url_to_fs(path)
     atomic_write(fs, p, lambda fh: torch.save(payload, fh))
     return digest

@@ -8,6 +8,7 @@ from typing import Optional
 import fsspec
 import numpy as np
 import torch
+from PIL import Image
 
 
 def _as_images(x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +66,6 @@ def save_grid(x: torch.Tensor, path: str, nrow: int = 8, padding: int = 1, scale
 
     ``path`` is a local path or fsspec URL (parent folders are created). Returns the path.
     """
-    from PIL import Image
-
     arr = make_grid(x, nrow, padding, scale, pad_value)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")

@@ -22,7 +22,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from mmgm_ray.noise import check_positive
+from mmgm_ray.validators import positive as check_positive
 
 
 class LangevinState(NamedTuple):

@@ -10,16 +10,7 @@ from typing import Callable
 
 import torch
 
-
-def check_positive(name: str, value: float) -> float:
-    """Return ``value`` as float, or raise ValueError naming ``name`` if it is not finite and > 0."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return v
+from mmgm_ray.validators import positive as check_positive
 
 
 def check_M(M: int) -> int:

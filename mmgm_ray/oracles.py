@@ -14,7 +14,8 @@ import math
 import torch
 
 from mmgm_ray.models import UniversalScoreModel
-from mmgm_ray.noise import GaussianMNM, check_positive
+from mmgm_ray.noise import GaussianMNM
+from mmgm_ray.validators import positive as check_positive
 
 
 def _mvn_logpdf(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:

@@ -55,12 +55,17 @@ def main(out: str, temp_dir: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
+    from mmgm_ray import faults
     from mmgm_ray.pool import run_pool
 
     t0 = time.perf_counter()
+    # the cluster records its address under RAY_TMPDIR (default /tmp/ray, which may not exist);
+    # a private one also keeps other Ray sessions on this machine from finding this cluster
+    os.environ["RAY_TMPDIR"] = temp_dir
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)   # Ray writes {RAY_TMPDIR}/ray/...
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir,
-        # node death noticed in ~2-4 s instead of ~15 s (RAY-NOTES, "Simulated multi-node")
+        # node death noticed in ~2-4 s instead of ~15 s (measured with ray.cluster_utils)
         "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -119,8 +124,8 @@ def main(out: str, temp_dir: str) -> dict:
             kill["add_s"] = time.perf_counter() - kill["t"]
 
         t = time.perf_counter()
-        run = run_pool(gmm_cfg(out, "noded"), progress=False, on_progress=killer,
-                       actor_hooks={"step_sleep": STEP_SLEEP})
+        os.environ[faults.ENV] = json.dumps({"actor_step_sleep": STEP_SLEEP})  # kills land mid-chunk
+        run = run_pool(gmm_cfg(out, "noded"), progress=False, on_progress=killer)
         info["noded_s"] = time.perf_counter() - t
         state = seen["state"]
         info["noded"] = {k: run[k] for k in ("status", "rows", "samples", "layout", "replacements", "restarts",

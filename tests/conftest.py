@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def ray_session(tmp_path_factory):
     """A local Ray instance shared by the tests that need one (marked ``ray``).
 
-    4 logical CPUs on the 2-core machine give Ray Train and the chain pool room (RAY-NOTES);
+    4 logical CPUs on the 2-core machine give Ray Train and the chain pool room;
     the Train health-check interval is shortened so ``report`` does not wait 2 s each time.
     """
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")

@@ -226,11 +226,10 @@ def test_cli_data_unknown_name_exit_2():
     assert rc == 2 and "data.name" in err
 
 
-def test_cli_object_direct():
-    """cli() works with a plain namespace (as the parser builds it)."""
-    ns = SimpleNamespace(eigenvalues="4,1", data=None, data_path=None, M=8, sigma=1.0,
-                         target_kappa=None, json=True)
-    out = io.StringIO()
-    with redirect_stdout(out):
-        assert C.cli(ns) == 0
-    assert json.loads(out.getvalue())["kappa_m_density"] == pytest.approx(33.0)
+def test_format_report_lines():
+    """The text form names the source and every condition number the JSON form holds."""
+    rep = {**C.report([4.0, 1.0], M=8, sigma=1.0), "source": "eigenvalues"}
+    text = C.format_report(rep)
+    assert text.startswith("source: eigenvalues; d = 2")
+    assert "kappa of the M-density (full walk): 33" in text
+    assert f"A-B-O-B-A stability bound on delta: {rep['delta_max']:.6g}" in text

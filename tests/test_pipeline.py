@@ -10,7 +10,7 @@ from PIL import Image
 from mmgm_ray.config import load_config
 from mmgm_ray.pipeline import run_pipeline
 
-TINY = ["train.steps=30", "train.checkpoint_every=30", "train.log_every=10", "train.preview_chains=0",
+TINY = ["train.steps=30", "train.checkpoint_every=30", "train.log_every=10", "train.preview.chains=0",
         "train.batch_size=32", "sampler.block_size=32", "sampler.jump_every=10",
         "pool.num_chains=64", "pool.num_steps=40", "pool.checkpoint_every=20",
         "evaluate.fid_samples=8", "evaluate.fid_reference=16", "evaluate.grid_samples=16"]

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from mmgm_ray import faults
 from mmgm_ray.config import DataConfig, RunConfig, from_dict
 from mmgm_ray.engine import WalkJumpEngine, chain_blocks
 from mmgm_ray.factory import load_sampling_model
@@ -121,7 +122,7 @@ def test_round_trip_two_actors_1024_chains(reference, capsys):
 
 
 def test_progress_line_on_stderr(capsys):
-    from mmgm_ray.pool.controller import _Progress
+    from mmgm_ray.pool.driver import _Progress
 
     p = _Progress(1000, 10, 100, True)
     p.snapshot(0, 0, 0)
@@ -137,7 +138,7 @@ def test_progress_line_on_stderr(capsys):
 # ---- faults: actor kills, driver stop --------------------------------------------------------------
 
 @pytest.mark.slow
-def test_actors_killed_mid_run_same_rows_bitwise(reference, tmp_path):
+def test_actors_killed_mid_run_same_rows_bitwise(reference, tmp_path, monkeypatch):
     import ray
 
     from mmgm_ray.pool import run_pool
@@ -160,8 +161,8 @@ def test_actors_killed_mid_run_same_rows_bitwise(reference, tmp_path):
                 ray.kill(handle, no_restart=True)    # dead for good: the pool starts a replacement
                 kills[1] += 1
 
-    summary = run_pool(gmm_cfg(tmp_path, "killed"), progress=False, on_progress=killer,
-                       actor_hooks={"step_sleep": 0.01})
+    monkeypatch.setenv(faults.ENV, json.dumps({"actor_step_sleep": 0.01}))  # kills land mid-chunk
+    summary = run_pool(gmm_cfg(tmp_path, "killed"), progress=False, on_progress=killer)
     assert kills[0] >= 1 and kills[1] == 1
     assert summary["status"] == "done"
     assert summary["replacements"] >= 1 and summary["restarts"] >= 1
@@ -169,7 +170,7 @@ def test_actors_killed_mid_run_same_rows_bitwise(reference, tmp_path):
     no_orphans(tmp_path / "killed")
 
 
-def test_driver_stop_then_resume_same_rows(reference, tmp_path):
+def test_driver_stop_then_resume_same_rows(reference, tmp_path, monkeypatch):
     from mmgm_ray import cli
     from mmgm_ray.pool import run_pool
 
@@ -177,8 +178,8 @@ def test_driver_stop_then_resume_same_rows(reference, tmp_path):
         if state.chunks_done >= 2:
             raise KeyboardInterrupt
 
-    summary = run_pool(gmm_cfg(tmp_path, "stopped"), progress=False, on_progress=ctrl_c,
-                       actor_hooks={"step_sleep": 0.005})
+    monkeypatch.setenv(faults.ENV, json.dumps({"actor_step_sleep": 0.005}))
+    summary = run_pool(gmm_cfg(tmp_path, "stopped"), progress=False, on_progress=ctrl_c)
     assert summary["status"] == "interrupted" and summary["min_step"] < STEPS
     man = load_manifest(summary["url"])
     assert man["status"] == "interrupted"
@@ -209,7 +210,7 @@ def _inprocess(root, name, cfg, crash=None, monkeypatch=None):
         with pytest.raises(RuntimeError, match="simulated crash"):
             while not actor.advance(CKPT)["done"]:
                 pass
-        actor.writer.q.put(None)
+        actor.close()
         undo()
         # a hard kill would also leave a hidden temp file behind
         junk = root / name / "samples" / "block=000000" / ".part-000099.parquet.dead.tmp"

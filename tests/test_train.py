@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmgm_ray import faults
 from mmgm_ray.cli import main as mmgm_main
 from mmgm_ray.config import load_config
 from mmgm_ray.factory import build_oracle, load_artifact
@@ -34,8 +35,8 @@ VENV_BIN = Path(sys.executable).parent
 
 # A tiny digits run: small U-Net, small batches, frequent logs and checkpoints.
 TINY = ["model.net.channels=8", "model.net.mid_attn=false", "train.batch_size=32", "train.lr=0.002",
-        "train.warmup_steps=5", "train.log_every=5", "train.checkpoint_every=10", "train.preview_chains=4",
-        "train.preview_steps=10", "train.ema_eval_batch=64"]
+        "train.warmup_steps=5", "train.log_every=5", "train.checkpoint_every=10", "train.preview.chains=4",
+        "train.preview.steps=10", "train.ema_eval_batch=64"]
 
 
 @pytest.fixture(autouse=True)
@@ -77,8 +78,8 @@ def test_loss_falls_on_digits(tmp_path):
 
 def test_loop_is_deterministic_and_local_resume_is_exact(tmp_path):
     """Same seed -> same curve; stopping at a checkpoint and resuming gives the same curve."""
-    a = train_local(tiny_cfg(tmp_path, "train.steps=20", "name=a", "train.preview_chains=0"), progress=False)
-    cfg_b = tiny_cfg(tmp_path, "train.steps=10", "name=b", "train.preview_chains=0")
+    a = train_local(tiny_cfg(tmp_path, "train.steps=20", "name=a", "train.preview.chains=0"), progress=False)
+    cfg_b = tiny_cfg(tmp_path, "train.steps=10", "name=b", "train.preview.chains=0")
     first = train_local(cfg_b, progress=False)
     assert first.step == 10
     cfg_b.train.steps = 20
@@ -232,7 +233,7 @@ def test_ray_resume_continues_steps_and_curve(ray_session, tmp_path):
     assert {r["start_step"] for r in hist if r["step"] <= 20} == {0}
     assert {r["start_step"] for r in hist if r["step"] > 20} == {20}  # resumed, not restarted
     # the uninterrupted reference, in-process
-    ref = train_local(tiny_cfg(tmp_path / "local", "train.steps=40", "name=ref", "train.preview_chains=0"),
+    ref = train_local(tiny_cfg(tmp_path / "local", "train.steps=40", "name=ref", "train.preview.chains=0"),
                       progress=False)
     ref_loss = {r["step"]: r["loss"] for r in ref.history}
     for r in hist:
@@ -244,15 +245,16 @@ def test_ray_resume_continues_steps_and_curve(ray_session, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_ray_worker_crash_is_retried_from_checkpoint(ray_session, tmp_path):
+def test_ray_worker_crash_is_retried_from_checkpoint(ray_session, tmp_path, monkeypatch):
     """Rank 0 dies (os._exit) at step 17 on the first attempt only (marker file); FailureConfig
     restarts the 2-worker DDP group from the step-10 checkpoint and the run completes."""
     from mmgm_ray.train.ray_train import run_ray_training
 
     marker = tmp_path / "crashed"
-    cfg = tiny_cfg(tmp_path / "ray", "train.steps=30", "name=crash", "train.num_workers=2",
-                   "train.max_failures=2", "train.preview_chains=0")
-    res = run_ray_training(cfg, progress=False, _crash={"step": 17, "marker": str(marker), "rank": 0})
+    cfg = tiny_cfg(tmp_path / "ray", "train.steps=30", "name=crash", "train.resources.num_workers=2",
+                   "train.resources.max_failures=2", "train.preview.chains=0")
+    monkeypatch.setenv(faults.ENV, json.dumps({"train_crash": {"step": 17, "marker": str(marker), "rank": 0}}))
+    res = run_ray_training(cfg, progress=False)
     assert marker.read_text() == "17"  # the first attempt did die there
     assert res.metrics["step"] == 30
     hist = read_metrics(str(tmp_path / "ray" / "crash"))
@@ -271,18 +273,16 @@ def test_ray_bad_config_fails_before_any_worker(ray_session, tmp_path):
     cfg.data.name = "imagenet"
     with pytest.raises(ValueError, match="unknown data set 'imagenet'"):
         run_ray_training(cfg)
-    cfg = tiny_cfg(tmp_path, "name=bad", "train.num_workers=8")
+    cfg = tiny_cfg(tmp_path, "name=bad", "train.resources.num_workers=8")
     with pytest.raises(ValueError, match="needs 8.0 CPUs"):
         run_ray_training(cfg)
     assert not (tmp_path / "bad").exists()  # no config.yaml: the trainer never started
-    # the job entry point refuses too, before connecting to any cluster
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import train as job_train
-        assert job_train.main(["--config", "digits", "--set", "noise.sigma=-1"]) == 2
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
-        sys.modules.pop("train", None)
+    # the job entry point refuses too, with one line, before connecting to any cluster
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", "digits",
+                           "--set", "noise.sigma=-1"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})  # joining would fail loudly
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "mmgm train: error: noise.sigma must be a finite number > 0, got -1.0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def test_job_submit_to_token_auth_head(tmp_path):
         assert p.returncode != 0 and "auth" in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
         # the real submission
         out = short / "out"
-        sets = TINY + ["train.steps=20", f"output={out}", "name=job", "train.preview_chains=0"]
+        sets = TINY + ["train.steps=20", f"output={out}", "name=job", "train.preview.chains=0"]
         job = [str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT),
                "--", "python", "jobs/train.py", "--config", "digits", *sum((["--set", s] for s in sets), [])]
         p = subprocess.run(job, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -31,6 +31,7 @@ __all__ = [
 
 def load_digits() -> ImageDataset:
     """scikit-learn's 8x8 digits (1797 images, shipped in the wheel): (N, 1, 8, 8), values / 16."""
+    # imported here: scikit-learn takes about a second to import and only this loader needs it
     from sklearn.datasets import load_digits as _sk_digits
     d = _sk_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1).contiguous()

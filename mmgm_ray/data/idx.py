@@ -13,6 +13,7 @@ import posixpath
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from typing import Optional
 
@@ -98,7 +99,6 @@ def default_fashion_mnist_dir() -> Optional[str]:
     sys.prefix / /usr/local, then wherever ``dpkg -L dataset-fashion-mnist`` says the files are
     (covers a future package that moves them). None if nothing is found.
     """
-    import sys
     cands = [os.environ.get(FASHION_MNIST_ENV), FASHION_MNIST_DEBIAN_DIR,
              "/usr/local/share/datasets/fashion-mnist", os.path.join(sys.prefix, "share/datasets/fashion-mnist")]
     for c in cands:

@@ -16,10 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmgm_ray.config import DataConfig
+from mmgm_ray.data import ImageDataset, load_dataset
 from mmgm_ray.diagnostics import mcmc, transitions
+from mmgm_ray.store import dequantize, open_dataset, schema_info
 
 __all__ = ["chain_index", "chain_arrays", "iter_sample_batches", "nearest_mean_classifier", "diagnose",
-           "DEFAULT_STATS"]
+           "format_report", "DEFAULT_STATS"]
 
 DEFAULT_STATS = ("score_norm", "kinetic", "mean_intensity", "proj")
 _SCALAR_COLUMNS = ("score_norm", "kinetic")
@@ -29,14 +32,12 @@ _LOW_MEMORY = {"batch_readahead": 1, "fragment_readahead": 1}
 
 
 def _dataset(run_root: str, storage_options: dict | None):
-    from mmgm_ray.store import open_dataset, schema_info
     dataset = open_dataset(run_root, storage_options=storage_options)
     return dataset, schema_info(dataset.schema)
 
 
 def _decode(batch: pa.RecordBatch, info: dict) -> np.ndarray:
     """(n, prod(shape)) float32 samples of a record batch (uint8 divided by 255)."""
-    from mmgm_ray.store import dequantize
     col = batch.column("sample")
     d = math.prod(info["shape"])
     flat = col.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slice offsets
@@ -194,12 +195,11 @@ def iter_sample_batches(run_root: str, *, select: str = "last", max_samples: int
         yield _decode(b, info).reshape(b.num_rows, *info["shape"])
 
 
-def nearest_mean_classifier(dataset) -> tuple[Callable, np.ndarray]:
+def nearest_mean_classifier(dataset: ImageDataset | DataConfig) -> tuple[Callable, np.ndarray]:
     """A classifier by nearest class mean (Euclidean) from a labelled ``ImageDataset`` (or a
     ``DataConfig``, loaded with :func:`mmgm_ray.data.load_dataset`), and the data set's class
     frequencies (the reference occupancy). Crude, but free and enough to see mode hopping."""
-    if not hasattr(dataset, "x"):
-        from mmgm_ray.data import load_dataset
+    if isinstance(dataset, DataConfig):
         dataset = load_dataset(dataset)
     if dataset.labels is None:
         raise ValueError(f"data set {dataset.name!r} has no labels for a nearest-mean classifier")
@@ -299,35 +299,23 @@ def diagnose(run_root: str, *, stats: Sequence[str] = DEFAULT_STATS, n_projectio
     return _jsonable(report)
 
 
-def cli(args) -> int:
-    """``mmgm diagnose RUN``: print the report (``--json``: one JSON object)."""
-    import json
-    classifier, reference = None, None
-    if getattr(args, "classes", None):
-        from mmgm_ray.config import DataConfig
-        classifier, reference = nearest_mean_classifier(
-            DataConfig(name=args.classes, path=args.data_path, limit=args.class_limit))
-    stats = tuple(s.strip() for s in args.stats.split(",") if s.strip())
-    rep = diagnose(args.run, stats=stats, n_projections=args.projections, classifier=classifier,
-                   reference=reference, burn_in=args.burn_in, max_draws=args.max_draws,
-                   max_chains=args.max_chains, rhat_threshold=args.rhat_threshold, min_ess=args.min_ess)
-    if args.json:
-        print(json.dumps(rep))
-        return 0
-    print(f"run {rep['run_id']}: {rep['chains_used']}/{rep['chains']} chains x {rep['draws']} jumps "
-          f"(burn-in {rep['burn_in']}), {rep['divergences']} divergences")
+def format_report(rep: dict) -> str:
+    """The human-readable form of a :func:`diagnose` report (``mmgm diagnose RUN``)."""
+    def fmt(v):
+        if isinstance(v, list):
+            return ", ".join(f"{a:.4g}" if a is not None else "nan" for a in v)
+        return f"{v:.4g}" if v is not None else "nan"
+
+    lines = [f"run {rep['run_id']}: {rep['chains_used']}/{rep['chains']} chains x {rep['draws']} jumps "
+             f"(burn-in {rep['burn_in']}), {rep['divergences']} divergences"]
     for name, e in rep["stats"].items():
-        def fmt(v):
-            return ", ".join(f"{a:.4g}" if a is not None else "nan" for a in v) if isinstance(v, list) else \
-                (f"{v:.4g}" if v is not None else "nan")
-        print(f"  {name:15s} rhat {fmt(e['rhat'])} | ess bulk {fmt(e['ess_bulk'])} tail {fmt(e['ess_tail'])}"
-              f" | tau {fmt(e['tau'])}")
+        lines.append(f"  {name:15s} rhat {fmt(e['rhat'])} | ess bulk {fmt(e['ess_bulk'])} tail "
+                     f"{fmt(e['ess_tail'])} | tau {fmt(e['tau'])}")
     if "transitions" in rep:
         t = rep["transitions"]
-        print(f"  classes: switch rate {t['switch_rate']:.4g}, mean dwell {t['dwell_mean']:.4g} jumps, "
-              f"visits {['%.3f' % f for f in t['visit_fractions']]}" + (f", TV to reference {t['tv']:.4g}"
-                                                                         if "tv" in t else ""))
-    print("mixing ok" if rep["mixing_ok"] else "NOT MIXING")
-    for f in rep["flags"]:
-        print(f"  ! {f}")
-    return 0
+        tv = f", TV to reference {t['tv']:.4g}" if "tv" in t else ""
+        lines.append(f"  classes: switch rate {t['switch_rate']:.4g}, mean dwell {t['dwell_mean']:.4g} jumps, "
+                     f"visits {['%.3f' % f for f in t['visit_fractions']]}{tv}")
+    lines.append("mixing ok" if rep["mixing_ok"] else "NOT MIXING")
+    lines += [f"  ! {f}" for f in rep["flags"]]
+    return "\n".join(lines)

@@ -1,22 +1,28 @@
-"""The chain actor: many chain blocks of one ``WalkJumpEngine`` batch, a background writer, block
+"""The chain actor: many chain blocks in one ``WalkJumpEngine`` batch, a background writer, block
 checkpoints (THEORY sections 4-5; exactly-once contract in ``mmgm_ray.store.store``).
 
 ``ChainActor`` is a plain class (usable in-process, e.g. by tests and the benchmark);
-:func:`remote_class` wraps it with ``ray.remote``. One actor holds a fixed list of blocks (its
-*layout*) for the whole run: the same blocks in the same batch order give bitwise the same draws
-AND the same floating-point round-off, so a restarted or replacement actor must get the same list.
+``RemoteChainActor`` is its Ray version. One actor holds a fixed list of blocks (its *layout*) for
+the whole run: the same blocks in the same batch order give bitwise the same draws AND the same
+floating-point round-off, so a restarted or replacement actor must get the same list.
 
-Data path: the engine loop (device) -> bounded ``queue.Queue(queue_size)`` -> writer thread (host):
-splitting per block, Arrow conversion, Parquet writes and checkpoints never stall the device unless
-the queue is full (back-pressure). On CUDA the jumps are copied into pinned host buffers with
-``non_blocking=True`` and a CUDA event; the writer thread waits on the event, so the copy overlaps
-with the next steps.
+Two threads, one direction of data:
 
-Block checkpoints hold the state at the latest checkpoint step t AND at the previous one (t - k):
-the actor writes its blocks' checkpoints one by one, so a crash in the middle of that loop leaves
-some blocks at t and the others at t - k. On restart every block is rolled back to the oldest
-common step (the writer restores the matching older writer state, deleting the newer parts, which
-are rewritten with identical bytes).
+    engine thread: engine.step_once() -> Jumps / Divergences / Checkpoint messages
+        -> bounded queue.Queue(queue_size) (back-pressure) ->
+    writer thread: BlockSink (the block writers: gather, split per block, Parquet, checkpoints)
+
+The engine thread only talks to the engine through ``step_once``, ``drain_divergences`` and
+``state_dict([block])``; the sink is touched by the writer thread only, once the actor runs, and
+publishes what it has committed through ``committed()`` (under a lock). On CUDA the jumps are
+copied into pinned host buffers with ``non_blocking=True`` and an event recorded on the copying
+stream; the writer waits on the event, so the copy overlaps with the next steps.
+
+Block checkpoints hold the engine state at the latest checkpoint step t AND at the previous one
+(t - k): the sink writes its blocks' checkpoints one by one, so a crash in the middle of that loop
+leaves some blocks at t and the others at t - k. On restart every block is rolled back to the
+oldest common step (the writer restores the matching older writer state, deleting the newer parts,
+which are rewritten with identical bytes).
 """
 from __future__ import annotations
 
@@ -24,17 +30,22 @@ import os
 import queue
 import threading
 import time
-from typing import Optional, Sequence
+import warnings
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
+import ray
 import torch
 
+from mmgm_ray import faults
 from mmgm_ray.config import RunConfig, from_dict
+from mmgm_ray.data import load_dataset
 from mmgm_ray.engine import WalkJumpEngine
-from mmgm_ray.jumps import JumpBatch
+from mmgm_ray.factory import load_sampling_model
+from mmgm_ray.jumps import DivergenceEvent, JumpBatch
+from mmgm_ray.store import SampleStore
 
 _GATHER_ROWS = 1 << 18  # host rows gathered before conversion (bounds the writer's memory)
-_ENGINE_HEADER = ("version", "run_seed", "block_size", "walk", "M", "event_shape")
 
 
 def resolve_device(pool_device: str, gpus_per_actor: float) -> torch.device:
@@ -46,24 +57,181 @@ def resolve_device(pool_device: str, gpus_per_actor: float) -> torch.device:
     return torch.device(pool_device)
 
 
-class _Writer(threading.Thread):
-    """Consumes ('jumps' | 'div' | 'ckpt', ...) items in order; owns the block writers.
+# ---- messages from the engine thread to the writer thread -----------------------------------------
 
-    The first exception stops all further work (items are still taken off the queue so the
-    producer never blocks forever) and is re-raised in the engine thread by ``check()``/``drain()``.
+class Jumps(NamedTuple):
+    """Jumps of one engine step, on the host (or being copied there until ``copied`` fires)."""
+    batch: JumpBatch
+    copied: Optional[torch.cuda.Event]
+
+
+class Divergences(NamedTuple):
+    """Chains that diverged since the previous message, in detection order."""
+    events: list[DivergenceEvent]
+
+
+class Checkpoint(NamedTuple):
+    """Commit point: every row up to ``step`` is in the queue before this message."""
+    states: dict[int, dict]   # block -> engine.state_dict([block]) at ``step`` (CPU)
+    step: int
+    status: str               # "running" | "done"
+
+
+def _split(sd: dict, prefix: str) -> tuple[dict, dict]:
+    """Tensors (renamed ``prefix + key``) and JSON fields of a state dict: checkpoints keep them apart."""
+    tensors = {prefix + k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return tensors, {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+
+
+def _join(tensors: dict, fields: dict, prefix: str) -> dict:
+    return {**fields, **{k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}}
+
+
+class BlockSink:
+    """The writer-thread side of an actor: its blocks' writers, rows gathered before conversion,
+    and the previous checkpoint of every block (for the roll-back described in the module doc)."""
+
+    def __init__(self, store: SampleStore, block_ids: Sequence[int]):
+        self.block_ids = list(block_ids)
+        self.writers = {b: store.writer(b) for b in self.block_ids}
+        self._pending: list[JumpBatch] = []
+        self._pending_rows = 0
+        self._prev: dict[int, tuple[dict, dict]] = {}   # block -> (engine state dict, writer state)
+        self._entries: dict[int, dict] = {}             # block -> committed manifest entry
+        self._lock = threading.Lock()
+
+    # ---- before the writer thread starts ---------------------------------------------------------
+
+    def resume(self) -> tuple[int, Optional[list[dict]]]:
+        """Bring every writer to the oldest step all blocks committed; return that step and the
+        blocks' engine states there (None for step 0: the chains start afresh)."""
+        cks = {b: self.writers[b].resume() for b in self.block_ids}
+        steps = {b: int(ck[1]["engine"]["step"]) if ck is not None else 0 for b, ck in cks.items()}
+        for b, ck in cks.items():
+            if ck is not None and list(ck[1]["layout"]) != self.block_ids:
+                raise ValueError(f"block {b} was checkpointed by an actor holding blocks {ck[1]['layout']}, "
+                                 f"this actor holds {self.block_ids}: resume with the run's recorded layout")
+        m = min(steps.values())
+        states = []
+        for b in self.block_ids:
+            if cks[b] is None:   # a fresh block: then m == 0 and every block starts afresh
+                continue
+            tensors, meta = cks[b]
+            if steps[b] == m:
+                states.append(_join(tensors, meta["engine"], "cur."))
+                continue
+            # this block got one checkpoint further before the crash: roll it back to step m
+            if int(meta["prev_engine"]["step"]) != m:
+                raise RuntimeError(f"block {b} is at step {steps[b]} (previous {meta['prev_engine']['step']}), "
+                                   f"other blocks of the actor at {m}: checkpoints are inconsistent")
+            self.writers[b].restore(meta["prev_writer"])
+            states.append(_join(tensors, meta["prev_engine"], "prev."))
+        return m, (states if m > 0 else None)
+
+    def remember(self, states: dict[int, dict], status: str) -> None:
+        """Record the restored (or initial) state of every block as its previous checkpoint."""
+        for b in self.block_ids:
+            self._prev[b] = (states[b], self.writers[b].state())
+            self._publish(b, status)
+
+    # ---- on the writer thread ---------------------------------------------------------------------
+
+    def handle(self, msg) -> None:
+        if isinstance(msg, Jumps):
+            self._gather(msg)
+            return
+        self._flush_pending()  # keeps every block's rows in engine order
+        if isinstance(msg, Divergences):
+            self._divergences(msg.events)
+        elif isinstance(msg, Checkpoint):
+            self._checkpoint(msg)
+        else:
+            raise TypeError(f"unknown writer message {type(msg).__name__}")
+
+    def committed(self) -> dict[int, dict]:
+        """The manifest entry of every block as last committed (any thread)."""
+        with self._lock:
+            return {b: dict(e) for b, e in self._entries.items()}
+
+    def _publish(self, b: int, status: str) -> None:
+        entry = self.writers[b].manifest_entry(status)
+        with self._lock:
+            self._entries[b] = entry
+
+    def _gather(self, msg: Jumps) -> None:
+        if msg.copied is not None:
+            msg.copied.synchronize()  # the non_blocking device-to-host copy has landed
+        # batches are gathered and converted once per block per interval: Arrow conversion per
+        # (block, jump) costs more CPU than a cheap oracle's walk steps
+        self._pending.append(msg.batch)
+        self._pending_rows += len(msg.batch)
+        if self._pending_rows >= _GATHER_ROWS:
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if not self._pending:
+            return
+        jb = JumpBatch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_rows = [], 0
+        # stable: within a block the rows stay in (step, chain) order
+        order = torch.argsort(jb.block_id, stable=True)
+        jb = JumpBatch(*(t[order] for t in jb))
+        blocks = jb.block_id.numpy()
+        cuts = [0, *(np.flatnonzero(np.diff(blocks)) + 1).tolist(), len(blocks)]
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            self.writers[int(blocks[s])].add(JumpBatch(*(t[s:e] for t in jb)))
+
+    def _divergences(self, events: list[DivergenceEvent]) -> None:
+        for b in sorted({int(e.block_id) for e in events}):
+            self.writers[b].add_divergences([e for e in events if int(e.block_id) == b])
+
+    def _checkpoint(self, msg: Checkpoint) -> None:
+        for b in self.block_ids:
+            prev_sd, prev_writer = self._prev[b]
+            cur_t, cur_f = _split(msg.states[b], "cur.")
+            prev_t, prev_f = _split(prev_sd, "prev.")
+            meta = {"engine": cur_f, "prev_engine": prev_f, "prev_writer": prev_writer,
+                    "status": msg.status, "layout": self.block_ids}
+            writer_state = self.writers[b].checkpoint({**cur_t, **prev_t}, meta)  # flush + ONE atomic file
+            self._prev[b] = (msg.states[b], writer_state)
+            self._publish(b, msg.status)
+
+
+class NullSink:
+    """A sink that keeps nothing (the benchmark's pool-without-store baseline, ``faults.skip_store``)."""
+
+    def resume(self) -> tuple[int, None]:
+        return 0, None
+
+    def remember(self, states: dict[int, dict], status: str) -> None:
+        pass
+
+    def handle(self, msg) -> None:
+        if isinstance(msg, Jumps) and msg.copied is not None:
+            msg.copied.synchronize()
+
+    def committed(self) -> dict[int, dict]:
+        return {}
+
+
+class _WriterThread(threading.Thread):
+    """Hands queued messages to the sink in order.
+
+    The first exception stops all further work (messages are still taken off the queue so the
+    engine thread never blocks forever) and is re-raised in the engine thread by ``check`` / ``drain``.
     """
 
-    def __init__(self, actor: "ChainActor", queue_size: int):
+    def __init__(self, sink, queue_size: int):
         super().__init__(daemon=True, name="mmgm-writer")
-        self.actor = actor
+        self.sink = sink
         self.q: queue.Queue = queue.Queue(maxsize=max(1, int(queue_size)))
         self.error: Optional[BaseException] = None
         self.wait_s = 0.0  # time the engine thread spent blocked on a full queue
 
-    def put(self, item: tuple) -> None:
+    def put(self, msg) -> None:
         self.check()
         t = time.perf_counter()
-        self.q.put(item)
+        self.q.put(msg)
         self.wait_s += time.perf_counter() - t
 
     def check(self) -> None:
@@ -71,22 +239,39 @@ class _Writer(threading.Thread):
             raise RuntimeError(f"sample writer failed: {type(self.error).__name__}: {self.error}") from self.error
 
     def drain(self) -> None:
-        """Block until every queued item is handled; re-raise a writer error."""
+        """Block until every queued message is handled; re-raise a writer error."""
         self.q.join()
         self.check()
 
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """End the thread after the queued messages (errors are not re-raised here)."""
+        self.q.put(None)
+        self.join(timeout=timeout_s)
+
     def run(self) -> None:
         while True:
-            item = self.q.get()
+            msg = self.q.get()
             try:
-                if item is None:
+                if msg is None:
                     return
                 if self.error is None:
-                    self.actor._handle(item)
+                    self.sink.handle(msg)
             except BaseException as e:  # noqa: BLE001 - reported to the engine thread
                 self.error = e
             finally:
                 self.q.task_done()
+
+
+def _was_reconstructed() -> bool:
+    """True in an actor process that Ray restarted (``max_restarts``)."""
+    if not ray.is_initialized():
+        return False
+    ctx = ray.get_runtime_context()
+    if ctx.get_actor_id() is None:  # an in-process ChainActor (tests, benchmarks)
+        return False
+    with warnings.catch_warnings():  # the property reads a deprecated field internally
+        warnings.simplefilter("ignore")
+        return bool(ctx.was_current_actor_reconstructed)
 
 
 class ChainActor:
@@ -98,21 +283,15 @@ class ChainActor:
         block_ids: this actor's blocks, in batch order (its layout; never change it within a run).
         storage_options: fsspec options for the store (endpoint, credentials); never ``memory://``
             across processes.
-        hooks: test / benchmark knobs: ``step_sleep`` (seconds slept per step, to make kills land
-            mid-chunk), ``store`` (False: run the chains without writing anything, for the bench).
 
     The constructor restores from the blocks' latest checkpoints, so Ray's ``max_restarts`` (which
     reruns ``__init__``) resumes exactly where the blocks were last committed.
     """
 
     def __init__(self, cfg: RunConfig | dict, store_root: str, run_id: str, block_ids: Sequence[int],
-                 storage_options: Optional[dict] = None, hooks: Optional[dict] = None):
-        from mmgm_ray.factory import load_sampling_model
-        from mmgm_ray.store import SampleStore
-
+                 storage_options: Optional[dict] = None):
         self.cfg = cfg if isinstance(cfg, RunConfig) else from_dict(RunConfig, cfg)
         pool = self.cfg.pool
-        self.hooks = dict(hooks or {})
         self.block_ids = [int(b) for b in block_ids]
         self.num_steps = int(pool.num_steps)
         self.checkpoint_every = int(pool.checkpoint_every)
@@ -120,195 +299,76 @@ class ChainActor:
             # one intra-op thread per CPU the actor was given: actors must not oversubscribe cores
             torch.set_num_threads(max(1, int(pool.cpus_per_actor)))
         self.device = resolve_device(pool.device, pool.gpus_per_actor)
-        self.model, self.event_shape, self.model_hash = load_sampling_model(self.cfg, self.device)
-        self.engine = WalkJumpEngine(self.model, self.cfg.sampler, self.event_shape, self.cfg.seed,
-                                     self.block_ids, self.device, num_chains=pool.num_chains)
-        self.bs = self.cfg.sampler.block_size
-        self.write = bool(self.hooks.get("store", True))
-        self.store = (SampleStore(store_root, run_id, event_shape=self.event_shape, config=self.cfg.store,
-                                  storage_options=storage_options, check_writable=False)
-                      if self.write else None)
-        self.writers = {b: self.store.writer(b) for b in self.block_ids} if self.write else {}
-        self._prev: dict[int, tuple[dict, dict, int]] = {}  # block -> (tensors, writer state, step)
-        self._pending: list[JumpBatch] = []                   # host jump batches not yet handed to writers
-        self._pending_rows = 0
-        self.entries: dict[int, dict] = {}                    # block -> committed manifest entry
-        self.new_divergences: list[dict] = []
+        model, event_shape, self.model_hash = load_sampling_model(self.cfg, self.device)
+        self.engine = WalkJumpEngine(model, self.cfg.sampler, event_shape, self.cfg.seed, self.block_ids,
+                                     self.device, num_chains=pool.num_chains)
+        self.sink = NullSink() if faults.skip_store() else BlockSink(
+            SampleStore(store_root, run_id, event_shape=event_shape, config=self.cfg.store,
+                        storage_options=storage_options, check_writable=False), self.block_ids)
         self.start_step = self._restore()
+        self.restarted = _was_reconstructed()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one advance() at a time even with max_concurrency > 1
         self.compute_s = 0.0
         self.cpu_s = 0.0
-        self.restarted = self._was_reconstructed()
-        self.writer = _Writer(self, pool.queue_size)
+        self.new_divergences: list[dict] = []
+        self.writer = _WriterThread(self.sink, pool.queue_size)
         self.writer.start()
 
-    # ---- restore ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _was_reconstructed() -> bool:
-        import warnings
-        try:
-            import ray
-            with warnings.catch_warnings():  # the property reads a deprecated field internally
-                warnings.simplefilter("ignore")
-                return bool(ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed)
-        except Exception:  # not inside a Ray actor
-            return False
-
-    def _init_data(self) -> Optional[torch.Tensor]:
-        if self.cfg.sampler.init != "data":
-            return None
-        from mmgm_ray.data import load_dataset
-        return load_dataset(self.cfg.data).x
-
-    def _remove_stale_checkpoint_temps(self) -> None:
-        # a process killed while saving a block checkpoint leaves its hidden temp file behind
-        # (the writer's restore cleans the sample folders, not the checkpoint folders)
-        import posixpath
-
-        from mmgm_ray.store import fsutil
-        for b in self.block_ids:
-            folder = posixpath.dirname(self.store.checkpoint_path(b))
-            for name in fsutil.list_names(self.store.fs, folder):
-                if name.startswith(".") and name.endswith(".tmp"):
-                    try:
-                        self.store.fs.rm(posixpath.join(folder, name))
-                    except FileNotFoundError:
-                        pass
-
     def _restore(self) -> int:
-        """Bring engine and writers to the oldest step every block has committed; return it."""
-        if not self.write:
-            self.engine.initialize(self._init_data())
-            return 0
-        cks = {b: self.writers[b].resume() for b in self.block_ids}
-        self._remove_stale_checkpoint_temps()
-        steps = {b: (int(ck[1]["step"]) if ck is not None else 0) for b, ck in cks.items()}
-        for b, ck in cks.items():
-            if ck is not None and list(ck[1].get("layout", self.block_ids)) != self.block_ids:
-                raise ValueError(f"block {b} was checkpointed by an actor holding blocks {ck[1]['layout']}, "
-                                 f"this actor holds {self.block_ids}: resume with the run's recorded layout")
-        m = min(steps.values())
-        source: dict[int, Optional[dict]] = {}
-        for b, ck in cks.items():
-            if ck is None:
-                source[b] = None
-                continue
-            tensors, meta = ck
-            if steps[b] == m:
-                source[b] = {k: tensors[k] for k in ("y", "v", "alive")}
-                continue
-            # this block got one checkpoint further before the crash: roll it back to step m
-            if int(meta.get("prev_step", -1)) != m:
-                raise RuntimeError(f"block {b} is at step {steps[b]} (previous {meta.get('prev_step')}), other "
-                                   f"blocks of the actor at {m}: checkpoints are inconsistent")
-            self.writers[b].restore(meta["prev_writer"])
-            source[b] = ({k: tensors["prev_" + k] for k in ("y", "v", "alive")} if m > 0 else None)
-        if m == 0:
-            self.engine.initialize(self._init_data())
+        """Bring engine and sink to the oldest step every block has committed; return it."""
+        step, states = self.sink.resume()
+        if states is None:
+            data = load_dataset(self.cfg.data).x if self.cfg.sampler.init == "data" else None
+            self.engine.initialize(data)
         else:
-            meta0 = next(ck[1] for ck in cks.values() if ck is not None)
-            sd = {**meta0["engine"], "step": m, "block_ids": self.block_ids}
-            for k in ("y", "v", "alive"):
-                sd[k] = torch.cat([source[b][k] for b in self.block_ids])
-            self.engine.load_state_dict(sd)
-        for b in self.block_ids:
-            sd_b = self.engine.state_dict([b])
-            self._prev[b] = ({k: sd_b[k] for k in ("y", "v", "alive")}, self.writers[b].state(), m)
-            self.entries[b] = self.writers[b].manifest_entry("done" if m >= self.num_steps else "running")
-        return m
+            self.engine.load_state_dict(states)
+        status = "done" if step >= self.num_steps else "running"
+        self.sink.remember({b: self.engine.state_dict([b]) for b in self.block_ids}, status)
+        return step
 
-    # ---- writer-thread side ------------------------------------------------------------------------
+    # ---- engine thread ---------------------------------------------------------------------------
 
-    def _handle(self, item: tuple) -> None:
-        kind = item[0]
-        if kind == "jumps":
-            _, jb, event = item
-            if event is not None:
-                event.synchronize()  # the non_blocking device-to-host copy has landed
-            # batches are gathered and converted once per block per interval: Arrow conversion per
-            # (block, jump) costs more CPU than the oracle's walk steps
-            self._pending.append(jb)
-            self._pending_rows += len(jb)
-            if self._pending_rows >= _GATHER_ROWS:
-                self._flush_pending()
-            return
-        self._flush_pending()  # keeps every block's rows in engine order
-        if kind == "div":
-            _, events = item
-            by_block: dict[int, list] = {}
-            for e in events:
-                by_block.setdefault(int(e.block_id), []).append(e)
-            for b, evs in by_block.items():
-                self.writers[b].add_divergences(evs)
-        elif kind == "ckpt":
-            _, step, states, status = item
-            self._checkpoint(step, states, status)
-        else:
-            raise ValueError(f"unknown writer item {kind!r}")
-
-    def _flush_pending(self) -> None:
-        if not self._pending:
-            return
-        many = len(self._pending) > 1
-        jb = JumpBatch.cat(self._pending) if many else self._pending[0]
-        self._pending, self._pending_rows = [], 0
-        if many:
-            # stable: within a block the rows stay in (step, chain) order
-            order = torch.argsort(jb.block_id, stable=True)
-            jb = JumpBatch(*(t[order] for t in jb))
-        self._write_jumps(jb)
-
-    def _write_jumps(self, jb: JumpBatch) -> None:
-        # rows are grouped by block, so each block's rows are one contiguous run
-        blocks = jb.block_id.numpy()
-        cuts = [0, *(np.flatnonzero(np.diff(blocks)) + 1).tolist(), len(blocks)]
-        for s, e in zip(cuts[:-1], cuts[1:]):
-            self.writers[int(blocks[s])].add(JumpBatch(*(t[s:e] for t in jb)))
-
-    def _checkpoint(self, step: int, states: dict[int, dict], status: str) -> None:
-        for b in self.block_ids:
-            prev_t, prev_w, prev_step = self._prev[b]
-            cur = states[b]
-            tensors = {**cur, **{"prev_" + k: v for k, v in prev_t.items()}}
-            meta = {"step": step, "prev_step": prev_step, "prev_writer": prev_w, "status": status,
-                    "layout": self.block_ids, "engine": self._engine_header}
-            st = self.writers[b].checkpoint(tensors, meta)   # flush + ONE atomic file
-            self._prev[b] = (cur, st, step)
-            self.entries[b] = self.writers[b].manifest_entry(status)
-
-    # ---- engine-thread side ------------------------------------------------------------------------
-
-    def _to_host(self, jb: JumpBatch):
+    def _to_host(self, jb: JumpBatch) -> Jumps:
         if self.device.type != "cuda":
-            return jb, None
+            return Jumps(jb, None)
         host = JumpBatch(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                            for t in jb))
         event = torch.cuda.Event()
-        event.record()
-        return host, event
+        event.record(torch.cuda.current_stream(self.device))  # the stream the copies were queued on
+        return Jumps(host, event)
 
-    def _submit_checkpoint(self, status: str) -> None:
-        sd = self.engine.state_dict()
-        self._engine_header = {k: sd[k] for k in _ENGINE_HEADER}
-        states, n = {}, self.bs
-        for i, b in enumerate(self.block_ids):
-            states[b] = {k: sd[k][i * n:(i + 1) * n].clone() for k in ("y", "v", "alive")}
-        self.writer.put(("ckpt", self.engine.step, states, status))
-
-    def _drain_divergences(self) -> None:
-        evs = self.engine.divergences      # the engine's own list; emptied here
-        if not evs:
-            return
-        events = list(evs)
-        evs.clear()
-        self.new_divergences += [ev._asdict() for ev in events]
-        if self.write:
-            self.writer.put(("div", events))
+    def _send_divergences(self) -> None:
+        events = self.engine.drain_divergences()
+        if events:
+            self.new_divergences += [ev._asdict() for ev in events]
+            self.writer.put(Divergences(events))
 
     def _is_boundary(self, step: int, target: int) -> bool:
         return step % self.checkpoint_every == 0 or step == self.num_steps or step == target
+
+    def _walk_to_boundary(self, target: int) -> None:
+        """Step until the next checkpoint boundary, sending jumps and divergences to the writer."""
+        e = self.engine
+        while e.step < target:
+            jb = e.step_once()
+            boundary = self._is_boundary(e.step, target)
+            if jb is not None or boundary:
+                # only where the engine syncs with the host anyway (jump steps) or before a
+                # checkpoint: the events then land at the same place in the rows in every run
+                self._send_divergences()
+            if jb is not None and len(jb):
+                self.writer.put(self._to_host(jb))
+            faults.after_walk_step()
+            if boundary:
+                return
+
+    def _submit_checkpoint(self) -> None:
+        status = "done" if self.engine.step >= self.num_steps else "running"
+        states = {b: self.engine.state_dict([b]) for b in self.block_ids}
+        self.writer.put(Checkpoint(states, self.engine.step, status))
+
+    # ---- remote methods --------------------------------------------------------------------------
 
     def request_stop(self) -> bool:
         """Ask a running ``advance`` to return at its next checkpoint (Ctrl-C of the driver)."""
@@ -326,69 +386,48 @@ class ChainActor:
         chunk runs to the same target. Returns early (after a checkpoint) once ``request_stop``.
         """
         with self._lock:
-            return self._advance(int(chunk_steps))
-
-    def _advance(self, chunk: int) -> dict:
-        e = self.engine
-        start = e.step
-        target = min((e.step // chunk + 1) * chunk, self.num_steps)
-        sleep = float(self.hooks.get("step_sleep", 0.0))
-        t0, c0 = time.perf_counter(), time.process_time()
-        while e.step < target and not self._stop.is_set():
-            while e.step < target:
-                jb = e.step_once()
-                boundary = self._is_boundary(e.step, target)
-                if jb is not None or boundary:
-                    # only where the engine syncs with the host anyway (jump steps) or before a
-                    # checkpoint: the events then land at the same place in the rows in every run
-                    self._drain_divergences()
-                if jb is not None and len(jb) and self.write:
-                    self.writer.put(("jumps", *self._to_host(jb)))
-                if sleep:
-                    time.sleep(sleep)
-                if boundary:
-                    break
-            if self.write:
-                self._submit_checkpoint("done" if e.step >= self.num_steps else "running")
-        if self.write:
+            e = self.engine
+            start = e.step
+            target = min((e.step // int(chunk_steps) + 1) * int(chunk_steps), self.num_steps)
+            t0, c0 = time.perf_counter(), time.process_time()
+            while e.step < target and not self._stop.is_set():
+                self._walk_to_boundary(target)
+                self._submit_checkpoint()
             if e.step >= self.num_steps or self._stop.is_set():
                 self.writer.drain()   # everything up to the last checkpoint is committed
             else:
                 # the writer commits this chunk's checkpoint while the next chunk computes; the
                 # entries returned are those committed so far (at most one checkpoint behind)
                 self.writer.check()
-        self.compute_s += time.perf_counter() - t0
-        self.cpu_s += time.process_time() - c0   # whole process: engine + writer thread
+            self.compute_s += time.perf_counter() - t0
+            self.cpu_s += time.process_time() - c0   # whole process: engine + writer thread
+            return self._progress(start)
+
+    def _progress(self, start: int) -> dict:
+        e = self.engine
         divs, self.new_divergences = self.new_divergences, []
         return {"pid": os.getpid(), "block_ids": self.block_ids, "step": e.step, "start_step": start,
                 "chains": e.n_chains, "chain_steps": e.n_chains * (e.step - start),
                 "chain_steps_total": e.n_chains * (e.step - self.start_step),
                 "done": e.step >= self.num_steps, "stopped": self._stop.is_set(),
                 "restarted": self.restarted, "restored_step": self.start_step,
-                "blocks": {int(b): dict(v) for b, v in self.entries.items()},
-                "divergence_events": divs, "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s,
-                "cpu_s": self.cpu_s}
+                "blocks": self.sink.committed(), "divergence_events": divs,
+                "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s, "cpu_s": self.cpu_s}
 
     def commit(self) -> dict:
         """Wait until every submitted checkpoint is written; return the committed block entries."""
         with self._lock:
-            if self.write:
-                self.writer.drain()
-            return {"step": self.engine.step, "blocks": {int(b): dict(v) for b, v in self.entries.items()}}
+            self.writer.drain()
+            return {"step": self.engine.step, "blocks": self.sink.committed()}
 
     def status(self) -> dict:
-        """Current step and layout (cheap; for the controller and tests)."""
+        """Current step and layout (cheap; for the driver and tests)."""
         return {"pid": os.getpid(), "step": self.engine.step, "block_ids": self.block_ids,
                 "restored_step": self.start_step, "restarted": self.restarted}
 
     def close(self) -> None:
-        """Stop the writer thread (after draining it)."""
-        self.writer.drain()
-        self.writer.q.put(None)
-        self.writer.join(timeout=30)
+        """Stop the writer thread after the queued messages (a writer error is not re-raised here)."""
+        self.writer.stop()
 
 
-def remote_class():
-    """``ray.remote(ChainActor)`` (built lazily so importing this module does not import Ray)."""
-    import ray
-    return ray.remote(ChainActor)
+RemoteChainActor = ray.remote(ChainActor)

@@ -13,22 +13,30 @@ N samples from C chains use ceil(N / C) kept jumps per chain.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import posixpath
 from typing import Optional
 
+import fsspec
 import numpy as np
 import torch
+from PIL import Image
 
 from mmgm_ray.config import RunConfig
+from mmgm_ray.data import ImageDataset, write_parquet_dataset
+from mmgm_ray.images import save_grid
+from mmgm_ray.pool.driver import run_pool
+from mmgm_ray.store import read_samples
 
 
 def plan(cfg: RunConfig, num_samples: Optional[int] = None, burn_in: Optional[int] = None,
          thin: Optional[int] = None) -> dict:
-    """Resolve (num_samples, burn_in, thin) against the config; return them with the walk length."""
-    n = int(num_samples if num_samples is not None else (cfg.pool.num_samples or cfg.pool.num_chains))
-    b = int(burn_in if burn_in is not None else cfg.pool.burn_in)
-    t = int(thin if thin is not None else cfg.pool.thin)
+    """Resolve (num_samples, burn_in, thin) against ``cfg.generate``; return them with the walk length."""
+    g = cfg.generate
+    n = int(num_samples if num_samples is not None else (g.num_samples or cfg.pool.num_chains))
+    b = int(burn_in if burn_in is not None else g.burn_in)
+    t = int(thin if thin is not None else g.thin)
     if n < 1 or b < 0 or t < 1:
         raise ValueError(f"generate needs num_samples >= 1, burn_in >= 0, thin >= 1 (got {n}, {b}, {t})")
     k = cfg.sampler.jump_every
@@ -54,8 +62,7 @@ def _is_image(shape: tuple) -> bool:
 def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: Optional[int] = None,
                      burn_in: Optional[int] = None, thin: Optional[int] = None, sample_dtype: str = "float32",
                      png_dir: Optional[str] = None, png_limit: int = 1000, grid: Optional[str] = None,
-                     resume: bool = False, storage_options: Optional[dict] = None, progress: bool = True,
-                     **pool_kwargs) -> dict:
+                     resume: bool = False, storage_options: Optional[dict] = None, progress: bool = True) -> dict:
     """Run the chains of ``cfg`` on the pool and write ``num_samples`` kept jumps as a Parquet data set.
 
     Args:
@@ -63,7 +70,7 @@ def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: 
             walk length the plan needs (see :func:`plan`).
         out: data set file (``.parquet``) or folder (gets ``part-00000.parquet``); default
             ``{output}/{name}/dataset``.
-        num_samples, burn_in, thin: override ``pool.num_samples`` / ``pool.burn_in`` / ``pool.thin``.
+        num_samples, burn_in, thin: override ``generate.num_samples`` / ``burn_in`` / ``thin``.
         sample_dtype: uint8 (values clipped to [0, 1] first, as images), float16 or float32.
         png_dir: also write one PNG per sample (at most ``png_limit``) for image-shaped samples.
         grid: also write a PNG grid of the first 64 samples (image-shaped samples only).
@@ -72,15 +79,12 @@ def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: 
     Returns the pool summary plus {dataset, num_samples, written, burn_in, thin, pngs, grid}; when
     the pool was interrupted, ``status='interrupted'`` and no data set is written.
     """
-    from mmgm_ray.data import ImageDataset, write_parquet_dataset
-    from mmgm_ray.pool.controller import run_pool
-    from mmgm_ray.store import read_samples
-
     p = plan(cfg, num_samples, burn_in, thin)
     run_cfg = copy.deepcopy(cfg)
     run_cfg.pool.num_steps = p["num_steps"]
-    run_cfg.pool.num_samples, run_cfg.pool.burn_in, run_cfg.pool.thin = p["num_samples"], p["burn_in"], p["thin"]
-    summary = run_pool(run_cfg, resume=resume, storage_options=storage_options, progress=progress, **pool_kwargs)
+    run_cfg.generate.num_samples, run_cfg.generate.burn_in, run_cfg.generate.thin = (
+        p["num_samples"], p["burn_in"], p["thin"])
+    summary = run_pool(run_cfg, resume=resume, storage_options=storage_options, progress=progress)
     summary.update({k: p[k] for k in ("num_samples", "burn_in", "thin")})
     if summary["status"] != "done":
         return summary
@@ -107,11 +111,6 @@ def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: 
 
 
 def _write_pngs(x: torch.Tensor, png_dir: Optional[str], limit: int, grid: Optional[str]) -> tuple[int, Optional[str]]:
-    import io
-
-    import fsspec
-    from PIL import Image
-
     count = 0
     if png_dir:
         fs, root = fsspec.core.url_to_fs(png_dir)
@@ -123,7 +122,6 @@ def _write_pngs(x: torch.Tensor, png_dir: Optional[str], limit: int, grid: Optio
             fs.pipe_file(posixpath.join(root, f"sample-{i:06d}.png"), buf.getvalue())
             count += 1
     if grid:
-        from mmgm_ray.images import save_grid
         h = x.shape[2]
         save_grid(x[:64], grid, nrow=8, scale=max(1, 64 // max(h, 1)))
     return count, grid

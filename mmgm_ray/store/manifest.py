@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import importlib.metadata
 import json
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,14 +43,12 @@ def _now() -> str:
 def code_version() -> dict:
     """{package: mmgm-ray version, git_commit: HEAD of the source checkout or None}."""
     try:
-        from importlib.metadata import version
-        pkg = version("mmgm-ray")
-    except Exception:
+        pkg = importlib.metadata.version("mmgm-ray")
+    except importlib.metadata.PackageNotFoundError:
         pkg = None
     src = Path(__file__).resolve().parents[2]
     if pkg is None:  # running from a source tree that is not installed
         try:
-            import tomllib
             pkg = tomllib.loads((src / "pyproject.toml").read_text())["project"]["version"]
         except Exception:
             pkg = "unknown"

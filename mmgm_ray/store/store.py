@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmgm_ray import validators as check
 from mmgm_ray.config import StoreConfig
 from mmgm_ray.store import fsutil
 from mmgm_ray.store.schema import (
@@ -50,7 +51,6 @@ from mmgm_ray.store.schema import (
     sample_schema,
 )
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 _PART = re.compile(r"^part-(\d{6,})\.parquet$")
 
 STATE_VERSION = 1
@@ -86,8 +86,7 @@ class SampleStore:
     def __init__(self, root: str, run_id: str, *, event_shape: Sequence[int],
                  config: StoreConfig | None = None, sample_dtype: str | None = None,
                  storage_options: dict | None = None, check_writable: bool = True):
-        if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
-            raise ValueError(f"run_id {run_id!r} must match {_RUN_ID.pattern}")
+        check.run_name("run_id", run_id)
         self.config = config if config is not None else StoreConfig()
         self.config.validate()
         self.event_shape = normalize_shape(event_shape)
@@ -120,10 +119,6 @@ class SampleStore:
     def abspath(self, relpath: str) -> str:
         """File-system path (no protocol) of a run-relative name."""
         return posixpath.join(self.path, relpath)
-
-    def url_of(self, relpath: str) -> str:
-        """Full URL of a run-relative name."""
-        return f"{self.url}/{relpath}"
 
     @property
     def samples_path(self) -> str:
@@ -170,11 +165,6 @@ class SampleStore:
         comp = None if comp in ("none", "uncompressed") else comp
         fsutil.atomic_write(self.fs, self.abspath(relpath),
                             lambda f: pq.write_table(table, f, compression=comp))
-
-    def read_part(self, relpath: str) -> pa.Table:
-        """Read one part file as a table."""
-        with self.fs.open(self.abspath(relpath), "rb") as f:
-            return pq.read_table(f)
 
     def writer(self, block_id: int) -> "BlockWriter":
         """A :class:`BlockWriter` for ``block_id`` (call ``resume()`` or ``restore()`` before writing)."""
@@ -387,6 +377,7 @@ class BlockWriter:
         Without a checkpoint, restore the initial state (deleting any parts of an earlier attempt)
         and return None: the block starts from scratch.
         """
+        self._remove_stale_checkpoint_temps()
         ck = load_block_checkpoint(self.store, self.block_id)
         if ck is None:
             self.restore(self.initial_state())
@@ -396,6 +387,17 @@ class BlockWriter:
             raise ValueError(f"block {self.block_id} checkpoint has no writer state (meta['writer'])")
         self.restore(meta["writer"])
         return tensors, meta
+
+    def _remove_stale_checkpoint_temps(self) -> None:
+        # a process killed while saving a block checkpoint leaves its hidden temp file behind
+        fs = self.store.fs
+        folder = posixpath.dirname(self.store.checkpoint_path(self.block_id))
+        for name in fsutil.list_names(fs, folder):
+            if name.startswith(".") and name.endswith(".tmp"):
+                try:
+                    fs.rm(posixpath.join(folder, name))
+                except FileNotFoundError:  # another cleaner got there first
+                    pass
 
 
 # ---- block checkpoints ---------------------------------------------------------------------------
@@ -408,7 +410,7 @@ def save_block_checkpoint(store: SampleStore, block_id: int, tensors: dict[str, 
     with ``torch.load(weights_only=True)``. Overwrites the previous checkpoint of the block
     (temp + rename locally, one PUT on object stores).
     """
-    import torch
+    import torch  # here, not at the top: readers of the store (pyarrow, DuckDB users) never need torch
 
     block_id = _check_block_id(block_id)
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -433,7 +435,7 @@ def load_block_checkpoint(store: SampleStore, block_id: int) -> tuple[dict, dict
 
     Uses ``torch.load(weights_only=True, map_location="cpu")``.
     """
-    import torch
+    import torch  # see save_block_checkpoint
 
     path = store.checkpoint_path(block_id)
     if not fsutil.exists(store.fs, path):

@@ -22,18 +22,25 @@ run would have taken (the data position is recomputed from s, not stored).
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import fsspec
 import numpy as np
 import torch
 
+from mmgm_ray import faults
 from mmgm_ray.config import RunConfig, SamplerConfig, dump_config, from_dict, to_dict
 from mmgm_ray.data import ImageDataset, channel_stats, load_dataset, make_loader
+from mmgm_ray.engine import WalkJumpEngine
+from mmgm_ray.factory import build_score_model, save_artifact
+from mmgm_ray.images import save_grid
+from mmgm_ray.store.fsutil import atomic_write
+from mmgm_ray.train.validate import validate_run
 
 CKPT_FORMAT = "mmgm-train-state"
 CKPT_VERSION = 1
@@ -43,11 +50,6 @@ CKPT_FILE = "state.pt"
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
-
-def run_dir_of(cfg: RunConfig) -> str:
-    """``{output}/{name}``: where a run's config, metrics, previews and artifact live."""
-    return f"{str(cfg.output).rstrip('/')}/{cfg.name}"
-
 
 def write_config(cfg: RunConfig, run_dir: str) -> str:
     """Write the resolved config as ``{run_dir}/config.yaml`` (local path or URL); returns its path."""
@@ -210,14 +212,11 @@ class LocalSession(Session):
     def report(self, metrics: dict, payload: Optional[dict]) -> None:
         if payload is None:
             return
-        from mmgm_ray.store.fsutil import atomic_write
-
         atomic_write(self.fs, self.path, lambda f: torch.save(payload, f))  # never half a checkpoint
 
 
 def load_payload(f) -> dict:
     """Read a checkpoint payload safely (``weights_only=True``) and check its format."""
-    import io
     payload = torch.load(io.BytesIO(f.read()) if hasattr(f, "read") else f, map_location="cpu",
                          weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
@@ -237,8 +236,6 @@ def preview_samples(model, cfg: RunConfig, event_shape: tuple, n_chains: int, n_
 
     Uses the run's sampler config with one block of ``n_chains`` chains, seeded by the run seed.
     """
-    from mmgm_ray.engine import WalkJumpEngine
-
     if n_chains < 1 or n_steps < 1:
         return None
     scfg = from_dict(SamplerConfig, {**to_dict(cfg.sampler), "block_size": n_chains})
@@ -284,13 +281,10 @@ def training_loop(
     session: Optional[Session] = None,  # environment (LocalSession / RaySession); default: local, no resume
     dataset: Optional[ImageDataset] = None,  # preloaded data (else load_dataset(cfg.data))
     progress: bool = True,             # print a progress line every log_every steps (rank 0)
-    step_callback: Optional[Callable[[int], None]] = None,  # called after each step (fault-injection tests)
     write_artifact: bool = True,       # save {run_dir}/model.pt (EMA weights) at the end (rank 0)
     timing_warmup: Optional[int] = None,  # steps excluded from steady_images_per_s (default min(20, steps/5))
 ) -> LoopResult:
     """Train ``cfg.model`` on ``cfg.data`` for ``cfg.train.steps`` steps (from a checkpoint if any)."""
-    from mmgm_ray.factory import build_score_model, save_artifact
-
     session = session or Session()
     tc = cfg.train
     rank, world = session.rank, session.world_size
@@ -363,8 +357,7 @@ def training_loop(
         if step == start + warm:
             t_steady = time.perf_counter()
             excluded = 0.0
-        if step_callback is not None:
-            step_callback(step)
+        faults.after_train_step(step, rank)  # no-op unless a test planned a crash here
 
         # ---- metrics every log_every steps (and at checkpoints / the end) ----
         ckpt_now = step % tc.checkpoint_every == 0 or step == tc.steps
@@ -391,7 +384,7 @@ def training_loop(
 
         # ---- preview chains with the EMA model (rank 0) ----
         if is_main and len(event_shape) == 3 and (
-                (tc.preview_every and step % tc.preview_every == 0) or step == tc.steps):
+                (tc.preview.every and step % tc.preview.every == 0) or step == tc.steps):
             t0 = time.perf_counter()
             preview_path = _write_preview(ema, cfg, event_shape, ds, device, run_dir, step)
             excluded += time.perf_counter() - t0
@@ -433,14 +426,12 @@ def _ema_loss(ema, eval_x: torch.Tensor, cfg: RunConfig, device: torch.device, u
 
 def _write_preview(ema, cfg: RunConfig, event_shape: tuple, ds: ImageDataset, device, run_dir: str,
                    step: int) -> Optional[str]:
-    from mmgm_ray.images import save_grid
-
-    x = preview_samples(ema, cfg, event_shape, cfg.train.preview_chains, cfg.train.preview_steps,
-                        device, ds.x)
+    pv = cfg.train.preview
+    x = preview_samples(ema, cfg, event_shape, pv.chains, pv.steps, device, ds.x)
     if x is None:
         return None
     path = f"{run_dir}/previews/step_{step:07d}.png"
-    save_grid(x, path, nrow=cfg.train.preview_nrow, scale=cfg.train.preview_scale)
+    save_grid(x, path, nrow=pv.nrow, scale=pv.scale)
     return path
 
 
@@ -456,11 +447,9 @@ def _check_compatible(saved: dict, cfg: RunConfig) -> None:
 def train_local(cfg: RunConfig, resume: bool = True, progress: bool = True,
                 dataset: Optional[ImageDataset] = None, run_dir: Optional[str] = None) -> LoopResult:
     """Train in this process (no Ray): writes config.yaml, metrics.jsonl, previews/ and model.pt
-    under ``run_dir`` (default ``{output}/{name}``); resumes from its checkpoint when ``resume``."""
-    from mmgm_ray.train.validate import validate_run
-
+    under ``run_dir`` (default ``cfg.run_dir``); resumes from its checkpoint when ``resume``."""
     plan = validate_run(cfg, dataset=dataset, world_size=1)
-    run_dir = run_dir or run_dir_of(cfg)
+    run_dir = run_dir or cfg.run_dir
     write_config(cfg, run_dir)
     return training_loop(cfg, run_dir, LocalSession(run_dir, resume=resume), dataset=plan.dataset,
                          progress=progress)

@@ -38,39 +38,39 @@ import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
+import fsspec
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
+from mmgm_ray import faults
+from mmgm_ray.cluster import require_ray
 from mmgm_ray.config import RunConfig, from_dict, to_dict
-from mmgm_ray.train.loop import (CKPT_FILE, Session, load_payload, read_metrics,
-                                 run_dir_of, training_loop, write_config)
-from mmgm_ray.train.validate import RunPlan, check_cluster_resources, validate_run
-
-# Set for the Ray Train controller (RAY-NOTES: report() otherwise waits ~2 s for its poll).
-HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+from mmgm_ray.train.loop import CKPT_FILE, Session, load_payload, read_metrics, training_loop, write_config
+from mmgm_ray.train.validate import RunPlan, validate_run
 
 
 class RaySession(Session):
     """The loop's view of a Ray Train worker."""
 
     def __init__(self):
-        import ray.train
-
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
 
     def device(self, cfg: RunConfig) -> torch.device:
-        import ray.train.torch
         return ray.train.torch.get_device()
 
     def prepare_net(self, net: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
         # DDP only when there is more than one worker; prepare_model also moves it to the device
         return ray.train.torch.prepare_model(net, parallel_strategy="ddp" if self.world_size > 1 else None)
 
     def restore(self) -> Optional[dict]:
-        import ray.train
-
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
@@ -79,8 +79,6 @@ class RaySession(Session):
                 return load_payload(f)
 
     def report(self, metrics: dict, payload: Optional[dict]) -> None:
-        import ray.train
-
         if payload is None:
             ray.train.report(metrics)
             return
@@ -93,8 +91,6 @@ class RaySession(Session):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         if self.world_size > 1 and dist.is_initialized():
             v = value.detach().clone().float()
             dist.all_reduce(v)
@@ -104,21 +100,11 @@ class RaySession(Session):
 
 def train_worker(config: dict) -> None:
     """Ray Train per-worker entry point: ``config = {"run": RunConfig as dict, "run_dir": str,
-    "crash": optional {"step", "marker", "rank"} fault-injection hook for tests}``."""
+    "progress": bool, "faults": the driver's fault-injection plan (tests; usually empty)}``."""
+    faults.install(config.get("faults"))
     cfg = from_dict(RunConfig, config["run"])
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    session = RaySession()
-    crash = config.get("crash")
-    callback = None
-    if crash:
-        def callback(step: int) -> None:
-            # crash once: the marker file records that the first attempt already died here
-            if step == crash["step"] and session.rank == crash.get("rank", 0) and not os.path.exists(crash["marker"]):
-                with open(crash["marker"], "w") as f:
-                    f.write(str(step))
-                os._exit(1)
-    training_loop(cfg, config["run_dir"], session, progress=config.get("progress", True),
-                  step_callback=callback)
+    training_loop(cfg, config["run_dir"], RaySession(), progress=config.get("progress", True))
 
 
 @dataclass
@@ -129,76 +115,64 @@ class RayTrainResult:
     metrics: dict                  # last metrics reported by rank 0
     checkpoint_path: Optional[str]  # latest checkpoint folder in storage
     history: list                  # metrics.jsonl records of the whole run (all attempts, deduplicated)
-    error: Optional[BaseException] = None
 
 
 def storage_for(output: str):
     """(storage_path, storage_filesystem) for RunConfig: local paths as is; URLs through fsspec."""
-    import fsspec
-
-    if "://" not in str(output) or str(output).startswith("file://"):
-        fs, p = fsspec.core.url_to_fs(str(output))
-        return os.path.abspath(p), None
-    import pyarrow.fs as pafs
-
     fs, p = fsspec.core.url_to_fs(str(output))
+    if "://" not in str(output) or str(output).startswith("file://"):
+        return os.path.abspath(p), None
     return p, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def prepare(cfg: RunConfig) -> RunPlan:
-    """Driver-side validation (no Ray needed): raises ValueError for any bad run."""
-    return validate_run(cfg)
+def check_cluster_resources(cfg: RunConfig) -> None:
+    """Fail early if the cluster can never hold the requested workers (Ray Train would otherwise
+    wait forever for resources)."""
+    total = ray.cluster_resources()
+    r = cfg.train.resources
+    need_cpu = r.num_workers * r.cpus_per_worker
+    if total.get("CPU", 0.0) + 1e-9 < need_cpu:
+        raise ValueError(f"train.resources.num_workers={r.num_workers} x cpus_per_worker={r.cpus_per_worker} "
+                         f"needs {need_cpu} CPUs; the Ray cluster has {total.get('CPU', 0.0)}")
+    if r.use_gpu and total.get("GPU", 0.0) + 1e-9 < r.num_workers:
+        raise ValueError(f"train.resources.use_gpu with {r.num_workers} workers needs {r.num_workers} GPUs; "
+                         f"the Ray cluster has {total.get('GPU', 0.0)}")
 
 
-def run_ray_training(cfg: RunConfig, plan: Optional[RunPlan] = None, progress: bool = True,
-                     _crash: Optional[dict] = None) -> RayTrainResult:
-    """Train with Ray Train on the connected cluster (``ray.init`` is called if needed).
+def _trainer(cfg: RunConfig, run_dir: str, progress: bool) -> TorchTrainer:
+    r = cfg.train.resources
+    storage_path, storage_fs = storage_for(cfg.output)
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"run": to_dict(cfg), "run_dir": run_dir, "progress": progress, "faults": faults.plan()},
+        torch_config=TorchConfig(backend=r.backend if r.backend != "auto" else ("nccl" if r.use_gpu else "gloo")),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
+        run_config=RayRunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                failure_config=FailureConfig(max_failures=r.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep)),
+    )
+
+
+def run_ray_training(cfg: RunConfig, plan: Optional[RunPlan] = None, progress: bool = True) -> RayTrainResult:
+    """Train with Ray Train on the cluster this process joined (``mmgm_ray.cluster.ensure_ray``).
 
     Validates everything first (ValueError before any worker starts), writes ``config.yaml``,
     runs ``TorchTrainer.fit`` and returns the result; raises RuntimeError if training failed
-    after ``max_failures`` retries. ``_crash`` is a test hook (see ``train_worker``).
+    after ``max_failures`` retries.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    require_ray("run_ray_training")
     plan = plan or validate_run(cfg)
-    # Train V2 reroutes worker print() through logging, so each progress line reached the driver
-    # twice; the driver propagates this switch to the controller and the workers.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # report() waits for the controller's poll (2 s by default, RAY-NOTES); also propagated by the driver
-    os.environ.setdefault(HEALTH_CHECK_ENV, "0.1")
-    if not ray.is_initialized():
-        ray.init()  # connects to RAY_ADDRESS / a running cluster (as a job), else starts a local one
     check_cluster_resources(cfg)
-    tc = cfg.train
-    out = str(cfg.output)
-    if "://" not in out:
-        out = os.path.abspath(out)
-        cfg = from_dict(RunConfig, {**to_dict(cfg), "output": out})  # workers may run elsewhere
-    run_dir = run_dir_of(cfg)
-    write_config(cfg, run_dir)
-    storage_path, storage_fs = storage_for(out)
-    backend = tc.backend if tc.backend != "auto" else ("nccl" if tc.use_gpu else "gloo")
-    resources = {"CPU": tc.cpus_per_worker}
-    if tc.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"run": to_dict(cfg), "run_dir": run_dir, "crash": _crash, "progress": progress},
-        torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RayRunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                failure_config=FailureConfig(max_failures=tc.max_failures),
-                                checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep)),
-    )
+    if "://" not in str(cfg.output):  # workers may run in another directory
+        cfg = from_dict(RunConfig, {**to_dict(cfg), "output": os.path.abspath(cfg.output)})
+    write_config(cfg, cfg.run_dir)
     try:
-        result = trainer.fit()
+        result = _trainer(cfg, cfg.run_dir, progress).fit()
     except Exception as e:  # V2 raises on failure after retries; keep the cause
         raise RuntimeError(f"training run {cfg.name!r} failed: {e}") from e
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.name!r} failed: {result.error}") from result.error
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return RayTrainResult(run_dir=run_dir, artifact=f"{run_dir}/model.pt", metrics=dict(result.metrics or {}),
-                          checkpoint_path=ckpt, history=read_metrics(run_dir))
+    return RayTrainResult(run_dir=cfg.run_dir, artifact=f"{cfg.run_dir}/model.pt",
+                          metrics=dict(result.metrics or {}), checkpoint_path=ckpt, history=read_metrics(cfg.run_dir))

@@ -13,6 +13,8 @@ import fsspec
 
 from mmgm_ray.config import RunConfig, from_dict, to_dict
 from mmgm_ray.data import ImageDataset, load_dataset
+from mmgm_ray.factory import build_noise, build_score_model
+from mmgm_ray.nets import count_parameters
 
 
 @dataclass
@@ -28,21 +30,13 @@ class RunPlan:
 def validate_run(cfg: RunConfig, dataset: Optional[ImageDataset] = None,
                  world_size: Optional[int] = None) -> RunPlan:
     """Validate everything a training run needs; returns the plan or raises ValueError."""
-    from mmgm_ray.factory import build_noise, build_score_model
-    from mmgm_ray.nets import count_parameters
-    from mmgm_ray.train.loop import run_dir_of
-
     if not isinstance(cfg, RunConfig):
         raise ValueError(f"expected a RunConfig, got {type(cfg).__name__}")
     # Re-check types and ranges even for configs built in code (dataclasses skip validation).
     cfg = from_dict(RunConfig, to_dict(cfg))
-    cfg.validate()
     build_noise(cfg)  # only Gaussian MNMs are trained
     if cfg.oracle.kind != "none":
         raise ValueError("oracle.kind must be 'none' for training (an oracle has nothing to learn)")
-    tc = cfg.train
-    if not tc.use_gpu and tc.backend == "nccl":
-        raise ValueError("train.backend='nccl' needs train.use_gpu=true (NCCL is GPU-only)")
     try:
         fsspec.core.url_to_fs(str(cfg.output))
     except (ValueError, ImportError) as e:
@@ -51,31 +45,15 @@ def validate_run(cfg: RunConfig, dataset: Optional[ImageDataset] = None,
     ds = dataset if dataset is not None else load_dataset(cfg.data)
     if len(ds) == 0:
         raise ValueError(f"data set {cfg.data.name!r} is empty")
-    world = world_size or tc.num_workers
+    world = world_size or cfg.train.resources.num_workers
     per_rank = len(ds) // world
-    if per_rank < tc.batch_size:
+    if per_rank < cfg.train.batch_size:
         raise ValueError(f"{len(ds)} examples over {world} worker(s) give {per_rank} per worker, fewer than "
-                         f"train.batch_size={tc.batch_size}; lower the batch size or the worker count")
+                         f"train.batch_size={cfg.train.batch_size}; lower the batch size or the worker count")
     if cfg.data.hflip and not ds.is_image:
         raise ValueError("data.hflip needs image data")
     try:
         model = build_score_model(cfg, ds.event_shape)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"model does not build for event shape {ds.event_shape}: {e}") from e
-    return RunPlan(cfg, ds, tuple(ds.event_shape), count_parameters(model), run_dir_of(cfg))
-
-
-def check_cluster_resources(cfg: RunConfig) -> None:
-    """With Ray initialized, fail early if the cluster can never hold the requested workers
-    (Ray Train would otherwise wait forever for resources)."""
-    import ray
-
-    total = ray.cluster_resources()
-    tc = cfg.train
-    need_cpu = tc.num_workers * tc.cpus_per_worker
-    if total.get("CPU", 0.0) + 1e-9 < need_cpu:
-        raise ValueError(f"train.num_workers={tc.num_workers} x cpus_per_worker={tc.cpus_per_worker} needs "
-                         f"{need_cpu} CPUs; the Ray cluster has {total.get('CPU', 0.0)}")
-    if tc.use_gpu and total.get("GPU", 0.0) + 1e-9 < tc.num_workers:
-        raise ValueError(f"train.use_gpu with {tc.num_workers} workers needs {tc.num_workers} GPUs; "
-                         f"the Ray cluster has {total.get('GPU', 0.0)}")
+    return RunPlan(cfg, ds, tuple(ds.event_shape), count_parameters(model), cfg.run_dir)

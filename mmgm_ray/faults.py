@@ -1,0 +1,67 @@
+"""Fault injection for tests and benchmarks, in one place and out of production signatures.
+
+A plan is a JSON object in the environment variable ``MMGM_FAULTS`` of the process that runs the
+code (tests set it with ``monkeypatch.setenv``; the pool driver forwards it to its actors' runtime
+environment and the Ray Train driver to its workers' loop config, see :func:`plan`). Without it
+every hook is a no-op costing one dict lookup. Fields:
+
+- ``train_crash``: ``{"step": int, "rank": int, "marker": path}``: the training process of that rank
+  exits hard (``os._exit(1)``) right after that step, once: the marker file records that it did.
+- ``actor_step_sleep``: seconds a chain actor sleeps after every walk step, so that a test's kill
+  lands in the middle of a chunk.
+- ``actor_skip_store``: chain actors run their chains without writing anything (the pool benchmark's
+  "pool without store" baseline).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+ENV = "MMGM_FAULTS"
+_KNOWN = {"train_crash", "actor_step_sleep", "actor_skip_store"}
+
+
+def plan() -> dict:
+    """The active plan (empty without ``MMGM_FAULTS``); ValueError names an unknown field."""
+    raw = os.environ.get(ENV)
+    if not raw:
+        return {}
+    p = json.loads(raw)
+    if not isinstance(p, dict) or set(p) - _KNOWN:
+        raise ValueError(f"{ENV} must be a JSON object with fields from {sorted(_KNOWN)}, got {raw!r}")
+    return p
+
+
+def env_vars() -> dict:
+    """``{MMGM_FAULTS: ...}`` to forward to Ray workers (empty when no plan is active)."""
+    raw = os.environ.get(ENV)
+    return {ENV: raw} if raw else {}
+
+
+def install(p: Optional[dict]) -> None:
+    """Activate ``p`` in this process (a Ray Train worker receives the driver's plan this way)."""
+    if p:
+        os.environ[ENV] = json.dumps(p)
+
+
+def after_train_step(step: int, rank: int) -> None:
+    """Training loop hook: crash once at the planned (step, rank)."""
+    crash = plan().get("train_crash")
+    if crash and step == crash["step"] and rank == crash.get("rank", 0) and not os.path.exists(crash["marker"]):
+        with open(crash["marker"], "w") as f:
+            f.write(str(step))
+        os._exit(1)
+
+
+def after_walk_step() -> None:
+    """Chain actor hook: the planned sleep after every walk step."""
+    sleep = plan().get("actor_step_sleep")
+    if sleep:
+        time.sleep(float(sleep))
+
+
+def skip_store() -> bool:
+    """Chain actor setting: run without writing (benchmark baseline)."""
+    return bool(plan().get("actor_skip_store"))
