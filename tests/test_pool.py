@@ -25,7 +25,7 @@ from mmgm_ray.config import DataConfig, RunConfig, from_dict
 from mmgm_ray.engine import WalkJumpEngine, chain_blocks
 from mmgm_ray.factory import load_sampling_model
 from mmgm_ray.store import (StoreNotWritableError, create_run, load_manifest, open_dataset, read_divergences,
-                            read_samples, sync_manifest_from_checkpoints)
+                            read_lease, read_samples, sync_manifest_from_checkpoints)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -274,6 +274,42 @@ def test_crash_leaves_no_partial_file_and_restart_is_exact(tmp_path, monkeypatch
     no_orphans(tmp_path / "crashed")
 
 
+def test_zombie_writer_is_fenced_and_rows_stay_bitwise(tmp_path):
+    """Two actors hold the same blocks with different epochs (an actor on a lost node that still
+    runs, and its replacement): the older one's commits are refused, no checkpoint moves back, and
+    the store equals an uninterrupted run bitwise."""
+    from mmgm_ray.pool import ChainActor
+
+    cfg = gmm_cfg(tmp_path, "x", num_chains=128, num_steps=80)
+    cfg.sampler.block_size = 64
+    cfg.store.rows_per_file = 300
+    ref = rows(_inprocess(tmp_path, "clean", cfg))
+    store = create_run(str(tmp_path), "zombie", event_shape=(2,), config=cfg)
+    blocks = chain_blocks(cfg.pool.num_chains, cfg.sampler.block_size)
+    old = ChainActor(cfg, str(tmp_path), "zombie", blocks)
+    old.advance(CKPT)
+    old.commit()                                        # step 20 committed under epoch 1
+    new = ChainActor(cfg, str(tmp_path), "zombie", blocks)
+    assert new.start_step == CKPT and {read_lease(store, b) for b in blocks} == {2}
+    latest = {b: store.checkpoint_steps(b) for b in blocks}
+    with pytest.raises(RuntimeError, match="FencedError"):
+        old.advance(CKPT)                               # the zombie walks on, but may not commit
+        old.commit()
+    assert {b: store.checkpoint_steps(b) for b in blocks} == latest
+    seen = [min(store.checkpoint_steps(b)[-1] for b in blocks)]
+    while not new.advance(CKPT)["done"]:
+        seen.append(min(store.checkpoint_steps(b)[-1] for b in blocks))
+    new.commit()
+    assert seen == sorted(seen)                         # checkpoints only ever move forward
+    new.close()
+    old.close()
+    man = sync_manifest_from_checkpoints(store, blocks)
+    assert {e["epoch"] for e in man["blocks"].values()} == {2}
+    assert_same_rows(store.url, ref)
+    assert_exactly_once(rows(store.url)[0], chains=128, steps=80)
+    no_orphans(tmp_path / "zombie")
+
+
 # ---- a diverging chain is isolated and reported -----------------------------------------------------
 
 def test_diverging_chain_isolated_and_reported(ray_session, tmp_path):
@@ -349,7 +385,9 @@ def test_s3_store_via_moto_server(reference, tmp_path):
         parts = sorted(k for k in keys if "/samples/" in k)
         assert parts == sorted(f"runs/ref/{f}" for b in man["blocks"].values() for f in b["files"])
         assert "runs/ref/manifest.json" in keys
-        assert sum("/checkpoints/" in k for k in keys) == len(chain_blocks(CHAINS, 128))
+        n_blocks = len(chain_blocks(CHAINS, 128))       # one checkpoint and one lease per block
+        assert sum("/checkpoints/" in k and k.endswith(".pt") for k in keys) == n_blocks
+        assert sum(k.endswith("/lease.json") for k in keys) == n_blocks
         assert not any(k.rsplit("/", 1)[1].startswith(".") for k in keys)
     finally:
         server.stop()

@@ -28,15 +28,18 @@ from mmgm_ray.config import RunConfig, StoreConfig
 from mmgm_ray.jumps import DivergenceEvent, JumpBatch
 from mmgm_ray.store import (
     METADATA_COLUMNS,
+    FencedError,
     SampleStore,
     StoreFullError,
     StoreNotWritableError,
+    acquire_lease,
     create_run,
     load_block_checkpoint,
     load_manifest,
     open_dataset,
     open_run,
     read_divergences,
+    read_lease,
     read_samples,
     save_block_checkpoint,
     sync_manifest_from_checkpoints,
@@ -84,7 +87,7 @@ def drive(writer, block: int, start: int, end: int, checkpoint_every: int, diver
             return
         if step % checkpoint_every == 0:
             writer.checkpoint({"step": torch.tensor(step), "y": torch.full((CHAINS, 2), float(step))},
-                              {"step": step, "status": "done" if step == end else "running"})
+                              {"step": step, "status": "done" if step == end else "running"}, step=step)
 
 
 def expected_rows(end: int, diverge_at: int | None) -> int:
@@ -367,21 +370,54 @@ def test_block_checkpoint_is_one_atomic_weights_only_file(tmp_path):
     store = SampleStore(str(tmp_path), "ck", event_shape=SHAPE)
     assert load_block_checkpoint(store, 5) is None
     t = {"y": torch.randn(3, 4), "v": torch.zeros(3, 4), "rng": torch.tensor([1, 2], dtype=torch.int64)}
-    path = save_block_checkpoint(store, 5, t, {"step": 40, "note": "x"})
-    assert path.endswith("checkpoints/block=000005/checkpoint.pt")
+    path = save_block_checkpoint(store, 5, t, {"step": 40, "note": "x"}, step=40)
+    assert path.endswith("checkpoints/block=000005/checkpoint-000000040.pt")
     folder = tmp_path / "ck" / "checkpoints" / "block=000005"
-    assert [p.name for p in folder.iterdir()] == ["checkpoint.pt"]  # one file, no temp left
-    obj = torch.load(folder / "checkpoint.pt", weights_only=True)  # plain weights_only load works
-    assert json.loads(obj["meta_json"]) == {"step": 40, "note": "x"}
+    assert [p.name for p in folder.iterdir()] == ["checkpoint-000000040.pt"]  # one file, no temp left
+    obj = torch.load(folder / "checkpoint-000000040.pt", weights_only=True)  # plain weights_only load works
+    assert json.loads(obj["meta_json"]) == {"step": 40, "note": "x"} and obj["step"] == 40
     tensors, meta = load_block_checkpoint(store, 5)
     assert meta == {"step": 40, "note": "x"} and all(torch.equal(tensors[k], t[k]) for k in t)
-    save_block_checkpoint(store, 5, {"y": torch.ones(1)}, {"step": 50})  # overwrite
+    save_block_checkpoint(store, 5, {"y": torch.ones(1)}, {"step": 50}, step=50)  # the next one replaces it
     assert load_block_checkpoint(store, 5)[1] == {"step": 50}
+    assert [p.name for p in folder.iterdir()] == ["checkpoint-000000050.pt"]
     with pytest.raises(ValueError, match="JSON"):
-        save_block_checkpoint(store, 5, {"y": torch.ones(1)}, {"bad": object()})
+        save_block_checkpoint(store, 5, {"y": torch.ones(1)}, {"bad": object()}, step=60)
     with pytest.raises(ValueError, match="torch.Tensor"):
-        save_block_checkpoint(store, 5, {"y": [1, 2]}, {})
+        save_block_checkpoint(store, 5, {"y": [1, 2]}, {}, step=60)
     assert load_block_checkpoint(store, 5)[1] == {"step": 50}  # failed saves changed nothing
+    # a late write of an older step (a writer that lost the block) never moves the checkpoint back
+    save_block_checkpoint(store, 5, {"y": torch.zeros(1)}, {"step": 30}, step=30)
+    assert load_block_checkpoint(store, 5)[1] == {"step": 50}
+
+
+def test_fenced_writer_of_an_older_epoch_commits_nothing(tmp_path):
+    """Once a newer writer takes the block (acquire_lease), the older writer's part writes and
+    checkpoints raise FencedError and leave storage exactly as it was."""
+    store = SampleStore(str(tmp_path), "fence", event_shape=SHAPE, config=StoreConfig(rows_per_file=4))
+    assert read_lease(store, 0) == 0
+    old = store.writer(0)
+    old.fence(acquire_lease(store, 0, holder="old"))
+    assert old.epoch == 1
+    old.add(jump_batch(0, 10))                                   # 4 rows: one part, epoch 1 holds the lease
+    old.checkpoint({"y": torch.ones(2)}, {"status": "running"}, step=10)
+    assert load_block_checkpoint(store, 0)[1]["epoch"] == 1
+    new = store.writer(0)
+    new.fence(acquire_lease(store, 0, holder="new"))
+    assert new.epoch == 2 and read_lease(store, 0) == 2
+    folder = tmp_path / "fence"
+    before = tree_snapshot(folder)
+    with pytest.raises(FencedError, match="superseded by epoch 2"):
+        old.add(jump_batch(0, 20))                               # a full part: refused before writing
+    with pytest.raises(FencedError):
+        old.checkpoint({"y": torch.zeros(2)}, {"status": "running"}, step=20)
+    assert tree_snapshot(folder) == before
+    # the new holder resumes from the last commit and goes on
+    tensors, meta = new.resume()
+    assert meta["epoch"] == 1 and torch.equal(tensors["y"], torch.ones(2))
+    new.add(jump_batch(0, 20))
+    new.checkpoint({"y": torch.full((2,), 2.0)}, {"status": "running"}, step=20)
+    assert load_block_checkpoint(store, 0)[1]["epoch"] == 2 and new.manifest_entry()["epoch"] == 2
 
 
 # ---- crash during a write, full disk, bad input ------------------------------------------------
@@ -487,7 +523,7 @@ def test_enospc_local_no_partial_file_and_previous_untouched(tmp_path, monkeypat
     assert tree_snapshot(folder) == before           # no new file, no temp file, old ones untouched
     assert w.next_seq == 2 and w.buffered_rows == 4  # the rows are kept for a retry
     with pytest.raises(StoreFullError):
-        save_block_checkpoint(store, 0, {"y": torch.ones(2)}, {"step": 30})
+        save_block_checkpoint(store, 0, {"y": torch.ones(2)}, {"step": 30}, step=30)
     assert not (tmp_path / "full" / "checkpoints" / "block=000000").exists() or \
         not any((tmp_path / "full" / "checkpoints" / "block=000000").iterdir())
     monkeypatch.setattr(LocalFileOpener, "write", orig)
@@ -679,7 +715,7 @@ def test_s3_round_trip_through_moto_server(moto_s3):
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
     parts = [k for k in keys if "/samples/" in k]
     assert parts == [f"runs/remote/{f}" for f in man["blocks"]["0"]["files"]]
-    assert "runs/remote/manifest.json" in keys and "runs/remote/checkpoints/block=000000/checkpoint.pt" in keys
+    assert "runs/remote/manifest.json" in keys and "runs/remote/checkpoints/block=000000/checkpoint-000000100.pt" in keys
     assert not any(k.rsplit("/", 1)[1].startswith(".") for k in keys)  # no probe / temp objects left
     body = client.get_object(Bucket=bucket, Key=parts[0])["Body"].read()
     assert pq.read_schema(pa.BufferReader(body)).metadata[b"mmgm.sample_dtype"] == b"float16"

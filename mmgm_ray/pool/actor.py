@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import threading
 import time
 import warnings
@@ -43,7 +44,7 @@ from mmgm_ray.data import load_dataset
 from mmgm_ray.engine import WalkJumpEngine
 from mmgm_ray.factory import load_sampling_model
 from mmgm_ray.jumps import DivergenceEvent, JumpBatch
-from mmgm_ray.store import SampleStore
+from mmgm_ray.store import SampleStore, acquire_lease
 
 _GATHER_ROWS = 1 << 18  # host rows gathered before conversion (bounds the writer's memory)
 
@@ -94,6 +95,9 @@ class BlockSink:
     def __init__(self, store: SampleStore, block_ids: Sequence[int]):
         self.block_ids = list(block_ids)
         self.writers = {b: store.writer(b) for b in self.block_ids}
+        for b, w in self.writers.items():
+            # a new epoch per (re)start: a writer of an older epoch that still runs is fenced off
+            w.fence(acquire_lease(store, b, holder=f"{socket.gethostname()}:{os.getpid()}"))
         self._pending: list[JumpBatch] = []
         self._pending_rows = 0
         self._prev: dict[int, tuple[dict, dict]] = {}   # block -> (engine state dict, writer state)
@@ -192,7 +196,8 @@ class BlockSink:
             prev_t, prev_f = _split(prev_sd, "prev.")
             meta = {"engine": cur_f, "prev_engine": prev_f, "prev_writer": prev_writer,
                     "status": msg.status, "layout": self.block_ids}
-            writer_state = self.writers[b].checkpoint({**cur_t, **prev_t}, meta)  # flush + ONE atomic file
+            # flush + ONE atomic file; refused (FencedError) once a newer actor holds the block
+            writer_state = self.writers[b].checkpoint({**cur_t, **prev_t}, meta, step=msg.step)
             self._prev[b] = (msg.states[b], writer_state)
             self._publish(b, msg.status)
 

@@ -17,7 +17,7 @@ non-finite sample is never written: the writer raises ValueError naming chain an
 Layout and storage
 ------------------
 ``{root}/{run_id}/samples/block={block_id:06d}/part-{seq:06d}.parquet``, plus ``manifest.json`` and
-``checkpoints/block={block_id:06d}/checkpoint.pt``. ``root`` is a local path or fsspec URL
+``checkpoints/block={block_id:06d}/checkpoint-{step:09d}.pt`` (+ ``lease.json``, the writer epoch). ``root`` is a local path or fsspec URL
 (``file://``, ``s3://``, ``gs://`` with gcsfs installed, ``memory://``). ``memory://`` lives in one
 process only: Ray actors and the driver each see their own, so use it for single-process tests.
 Files appear atomically: local writes go to a hidden temp name and are renamed; object stores get
@@ -30,7 +30,8 @@ Public API
 * :class:`BlockWriter` (``store.writer(block_id)``): ``add``, ``add_divergences``, ``flush``,
   ``state``, ``restore``, ``checkpoint``, ``resume``. The exactly-once contract with the chain
   pool is in :mod:`mmgm_ray.store.store`.
-* :func:`save_block_checkpoint` / :func:`load_block_checkpoint`.
+* :func:`save_block_checkpoint` / :func:`load_block_checkpoint`; writer epochs (fencing):
+  :func:`acquire_lease`, :func:`read_lease`, ``BlockWriter.fence``, :class:`FencedError`.
 * :func:`load_manifest`, :func:`update_manifest`, :func:`sync_manifest_from_checkpoints`.
 * :func:`open_dataset`, :func:`read_samples`, :func:`read_divergences`.
 * Errors: :class:`StoreNotWritableError`, :class:`StoreFullError` (both OSError subclasses);
@@ -56,11 +57,13 @@ from mmgm_ray.store.schema import (
     sample_schema,
     schema_info,
 )
-from mmgm_ray.store.store import BlockWriter, SampleStore, load_block_checkpoint, save_block_checkpoint
+from mmgm_ray.store.store import (BlockWriter, FencedError, SampleStore, acquire_lease, load_block_checkpoint,
+                                  read_lease, save_block_checkpoint)
 
 __all__ = [
     "SCHEMA_VERSION", "SAMPLE_DTYPES", "METADATA_COLUMNS", "sample_schema", "schema_info", "quantize",
     "dequantize", "SampleStore", "BlockWriter", "save_block_checkpoint", "load_block_checkpoint",
+    "acquire_lease", "read_lease", "FencedError",
     "create_run", "open_run", "load_manifest", "update_manifest", "write_manifest",
     "sync_manifest_from_checkpoints", "code_version", "open_dataset", "read_samples",
     "read_divergences", "StoreError", "StoreFullError", "StoreNotWritableError",

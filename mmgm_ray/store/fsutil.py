@@ -131,6 +131,14 @@ def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return fs.exists(path)
 
 
+def remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete ``path``; a file already gone (another cleaner, a retried delete) is fine."""
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
+
+
 def list_names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     """Base names of the files directly in ``folder`` (empty if it does not exist), fresh listing."""
     try:

@@ -247,5 +247,6 @@ def sync_manifest_from_checkpoints(store: SampleStore, block_ids: Sequence[int] 
         _, meta = ck
         st = meta["writer"]
         entries[b] = {"files": st["files"], "rows": st["rows_written"], "last_step": st["last_step"],
-                      "divergences": st.get("divergences", 0), "status": meta.get("status", "running")}
+                      "divergences": st.get("divergences", 0), "status": meta.get("status", "running"),
+                      "epoch": meta.get("epoch")}
     return update_manifest(store, blocks=entries)

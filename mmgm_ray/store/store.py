@@ -5,7 +5,8 @@ Layout under ``{root}/{run_id}/``::
 
     manifest.json                                          run manifest (mmgm_ray.store.manifest)
     samples/block={block_id:06d}/part-{seq:06d}.parquet    schema v1 parts, seq = 0, 1, 2, ... per block
-    checkpoints/block={block_id:06d}/checkpoint.pt         latest block checkpoint (tensors + meta)
+    checkpoints/block={block_id:06d}/checkpoint-{step:09d}.pt  latest block checkpoint (tensors + meta)
+    checkpoints/block={block_id:06d}/lease.json            the block's current writer epoch
 
 Exactly-once contract (what the chain pool must do), for each block:
 
@@ -15,7 +16,7 @@ Exactly-once contract (what the chain pool must do), for each block:
    or ``None`` for a fresh block (then ALL parts of the block are deleted: none was committed).
 2. Walk: ``writer.add(jump_batch)`` / ``writer.add_divergences(events)`` in engine order. Parts roll
    deterministically (``rows_per_file`` rows, or a new file when ``(step-1)//steps_per_file`` changes).
-3. Checkpoint at walk step t: ``writer.checkpoint(chain_tensors, meta)`` = ``flush()`` (every row with
+3. Checkpoint at walk step t: ``writer.checkpoint(chain_tensors, meta, step=t)`` = ``flush()`` (every row with
    step <= t is now in a finished part) + ONE atomic file holding the chain tensors, ``meta`` and the
    writer ``state()``. Nothing else needs saving.
 4. After a crash, step 1 then rerunning the deterministic chains from the checkpoint rewrites the same
@@ -23,9 +24,16 @@ Exactly-once contract (what the chain pool must do), for each block:
 
 Parts written after the last checkpoint are "uncommitted": they exist on storage until the block is
 restored or finished. The manifest lists only committed files, and readers that go through the
-manifest (:func:`mmgm_ray.store.open_dataset`) see exactly the committed rows. A zombie writer (an
-actor that was killed but still runs for a moment) can only produce names that the restarted writer
-rewrites with identical bytes.
+manifest (:func:`mmgm_ray.store.open_dataset`) see exactly the committed rows.
+
+Fencing (writers that outlive their replacement, e.g. an actor on a node the cluster gave up on):
+every writer that takes a block over calls :func:`acquire_lease`, which records a new epoch in the
+block's ``lease.json``; a fenced writer (``BlockWriter.fence(epoch)``) re-reads the lease before
+each part and each checkpoint and raises :class:`FencedError`, writing nothing, once a newer epoch
+holds the block. Checkpoints carry their step in their name and the latest is the highest step, so
+a late write of an older step can never move a block's checkpoint backwards (it is ignored and
+removed by the next commit). What remains is the instant between a zombie's lease check and its
+write: it can only produce names the current writer rewrites with identical bytes.
 """
 from __future__ import annotations
 
@@ -52,10 +60,15 @@ from mmgm_ray.store.schema import (
 )
 
 _PART = re.compile(r"^part-(\d{6,})\.parquet$")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d{9,})\.pt$")
 
 STATE_VERSION = 1
 CHECKPOINT_FORMAT = "mmgm.block_checkpoint"
 CHECKPOINT_VERSION = 1
+
+
+class FencedError(RuntimeError):
+    """A newer writer epoch holds the block: this writer must stop (its commits are refused)."""
 
 
 def _check_block_id(block_id: int) -> int:
@@ -128,8 +141,19 @@ class SampleStore:
     def manifest_path(self) -> str:
         return self.abspath("manifest.json")
 
-    def checkpoint_path(self, block_id: int) -> str:
-        return self.abspath(f"checkpoints/block={_check_block_id(block_id):06d}/checkpoint.pt")
+    def checkpoint_dir(self, block_id: int) -> str:
+        return self.abspath(f"checkpoints/block={_check_block_id(block_id):06d}")
+
+    def checkpoint_path(self, block_id: int, step: int) -> str:
+        return posixpath.join(self.checkpoint_dir(block_id), f"checkpoint-{int(step):09d}.pt")
+
+    def checkpoint_steps(self, block_id: int) -> list[int]:
+        """Steps of the block's checkpoint files on storage, ascending (normally one)."""
+        names = fsutil.list_names(self.fs, self.checkpoint_dir(block_id))
+        return sorted(int(m.group(1)) for m in map(_CHECKPOINT.match, names) if m)
+
+    def lease_path(self, block_id: int) -> str:
+        return posixpath.join(self.checkpoint_dir(block_id), "lease.json")
 
     # ---- listing / io --------------------------------------------------------------------------
 
@@ -188,8 +212,21 @@ class BlockWriter:
     def __init__(self, store: SampleStore, block_id: int):
         self.store = store
         self.block_id = _check_block_id(block_id)
+        self.epoch: int | None = None  # set by fence(): every commit then checks the block's lease
         self._reset(self.initial_state())
         self._checked_clean = False  # first write verifies no parts of an earlier attempt remain
+
+    def fence(self, epoch: int) -> None:
+        """Commit only while the block's lease holds ``epoch`` (see :func:`acquire_lease`)."""
+        self.epoch = int(epoch)
+
+    def _check_lease(self) -> None:
+        if self.epoch is None:
+            return
+        current = read_lease(self.store, self.block_id)
+        if current != self.epoch:
+            raise FencedError(f"block {self.block_id}: writer epoch {self.epoch} was superseded by epoch "
+                              f"{current}; another writer holds the block, so this one stops")
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -242,7 +279,7 @@ class BlockWriter:
         """Per-block manifest entry {files, rows, last_step, divergences, status} for the flushed state."""
         st = self.state()
         return {"files": st["files"], "rows": st["rows_written"], "last_step": st["last_step"],
-                "divergences": st["divergences"], "status": status}
+                "divergences": st["divergences"], "status": status, "epoch": self.epoch}
 
     def restore(self, state: dict) -> None:
         """Return to ``state`` (from ``state()``): delete this block's parts with seq >= next_seq and
@@ -337,6 +374,7 @@ class BlockWriter:
                                    f"attempt; call resume() or restore(state) before writing")
             self._checked_clean = True
         rel = self.store.part_relpath(self.block_id, self._next_seq)
+        self._check_lease()
         self.store.write_parquet(table, rel)
         # counters move only after the part is visible
         self._next_seq += 1
@@ -357,10 +395,10 @@ class BlockWriter:
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
-    def checkpoint(self, tensors: dict, meta: dict | None = None) -> dict:
-        """Flush, then save ``tensors`` + ``meta`` + the writer state as ONE atomic block checkpoint.
-
-        ``meta["writer"]`` is reserved for the writer state. Returns that state.
+    def checkpoint(self, tensors: dict, meta: dict | None = None, *, step: int) -> dict:
+        """Flush, then save ``tensors`` + ``meta`` + the writer state as ONE atomic block checkpoint
+        at walk step ``step``. ``meta["writer"]`` is reserved for the writer state; the writer's
+        epoch (if fenced) is recorded as ``meta["epoch"]``. Returns the writer state.
         """
         meta = dict(meta or {})
         if "writer" in meta:
@@ -368,7 +406,10 @@ class BlockWriter:
         self.flush()
         st = self.state()
         meta["writer"] = st
-        save_block_checkpoint(self.store, self.block_id, tensors, meta)
+        if self.epoch is not None:
+            meta["epoch"] = self.epoch
+        self._check_lease()
+        save_block_checkpoint(self.store, self.block_id, tensors, meta, step=step)
         return st
 
     def resume(self) -> tuple[dict, dict] | None:
@@ -391,24 +432,24 @@ class BlockWriter:
     def _remove_stale_checkpoint_temps(self) -> None:
         # a process killed while saving a block checkpoint leaves its hidden temp file behind
         fs = self.store.fs
-        folder = posixpath.dirname(self.store.checkpoint_path(self.block_id))
+        folder = self.store.checkpoint_dir(self.block_id)
         for name in fsutil.list_names(fs, folder):
             if name.startswith(".") and name.endswith(".tmp"):
-                try:
-                    fs.rm(posixpath.join(folder, name))
-                except FileNotFoundError:  # another cleaner got there first
-                    pass
+                fsutil.remove(fs, posixpath.join(folder, name))
 
 
 # ---- block checkpoints ---------------------------------------------------------------------------
 
-def save_block_checkpoint(store: SampleStore, block_id: int, tensors: dict[str, Any], meta: dict) -> str:
-    """Atomically save one block checkpoint: ``tensors`` (dict of str -> torch.Tensor) and ``meta``
-    (JSON-able dict) in ONE file, so the two can never disagree. Returns its path.
+def save_block_checkpoint(store: SampleStore, block_id: int, tensors: dict[str, Any], meta: dict, *,
+                          step: int) -> str:
+    """Atomically save one block checkpoint at walk step ``step``: ``tensors`` (dict of str ->
+    torch.Tensor) and ``meta`` (JSON-able dict) in ONE file, so the two can never disagree. Returns
+    its path.
 
-    The file is ``torch.save`` of {format, version, run_id, block_id, meta_json, tensors}; it loads
-    with ``torch.load(weights_only=True)``. Overwrites the previous checkpoint of the block
-    (temp + rename locally, one PUT on object stores).
+    The file ``checkpoint-{step:09d}.pt`` is ``torch.save`` of {format, version, run_id, block_id,
+    step, meta_json, tensors}; it loads with ``torch.load(weights_only=True)``. Once it is written,
+    the block's checkpoints of lower steps are removed: the latest checkpoint is the highest step,
+    so it never moves backwards (temp + rename locally, one PUT on object stores).
     """
     import torch  # here, not at the top: readers of the store (pyarrow, DuckDB users) never need torch
 
@@ -422,26 +463,29 @@ def save_block_checkpoint(store: SampleStore, block_id: int, tensors: dict[str, 
         raise ValueError(f"checkpoint meta must be JSON-serialisable: {e}") from e
     payload = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "run_id": store.run_id, "block_id": block_id, "meta_json": meta_json,
+        "run_id": store.run_id, "block_id": block_id, "step": int(step), "meta_json": meta_json,
         "tensors": {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
     }
-    path = store.checkpoint_path(block_id)
+    path = store.checkpoint_path(block_id, step)
     fsutil.atomic_write(store.fs, path, lambda f: torch.save(payload, f))
+    for old in store.checkpoint_steps(block_id):
+        if old < step:
+            fsutil.remove(store.fs, store.checkpoint_path(block_id, old))
     return path
 
 
 def load_block_checkpoint(store: SampleStore, block_id: int) -> tuple[dict, dict] | None:
-    """Load a block checkpoint saved by :func:`save_block_checkpoint`: (tensors, meta), or None if absent.
+    """Load the latest (highest-step) block checkpoint: (tensors, meta), or None if there is none.
 
     Uses ``torch.load(weights_only=True, map_location="cpu")``.
     """
     import torch  # see save_block_checkpoint
 
-    path = store.checkpoint_path(block_id)
-    if not fsutil.exists(store.fs, path):
+    steps = store.checkpoint_steps(block_id)
+    if not steps:
         return None
-    data = store.fs.cat_file(path)
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    path = store.checkpoint_path(block_id, steps[-1])
+    obj = torch.load(io.BytesIO(store.fs.cat_file(path)), map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an mmgm block checkpoint")
     if int(obj.get("version", 0)) != CHECKPOINT_VERSION:
@@ -450,3 +494,23 @@ def load_block_checkpoint(store: SampleStore, block_id: int) -> tuple[dict, dict
         raise ValueError(f"{path} belongs to run {obj['run_id']!r} block {obj['block_id']}, "
                          f"expected run {store.run_id!r} block {block_id}")
     return dict(obj["tensors"]), json.loads(obj["meta_json"])
+
+
+# ---- leases (writer epochs) --------------------------------------------------------------------------
+
+def read_lease(store: SampleStore, block_id: int) -> int:
+    """The block's current writer epoch (0 before any writer took a lease)."""
+    try:
+        return int(json.loads(store.fs.cat_file(store.lease_path(block_id)))["epoch"])
+    except FileNotFoundError:
+        return 0
+
+
+def acquire_lease(store: SampleStore, block_id: int, holder: str = "") -> int:
+    """Take the block over: record epoch = current + 1 and return it. Writers of older epochs that
+    are fenced stop at their next commit. One taker at a time (the pool gives a block to one live
+    actor; Ray restarts or the driver's replacement happen after the previous holder is gone)."""
+    epoch = read_lease(store, block_id) + 1
+    body = json.dumps({"epoch": epoch, "holder": holder}).encode()
+    fsutil.atomic_write_bytes(store.fs, store.lease_path(block_id), body)
+    return epoch
