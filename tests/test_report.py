@@ -15,6 +15,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
+import fsspec
 import numpy as np
 import pytest
 
@@ -193,6 +194,10 @@ def test_render_report_writes_atomically_and_returns_the_path(tmp_path):
     assert path == str(tmp_path / "out" / "report.html")
     assert os.listdir(tmp_path / "out") == ["report.html"]  # no temporary file left behind
     assert open(path, encoding="utf-8").read().count("<section") == html.count("<section") == len(SECTION_IDS)
+    # any fsspec URL works (object stores get one PUT of the whole page)
+    url = render_report(inp, "memory://report-test/run")
+    with fsspec.open(url, "r", encoding="utf-8") as f:
+        assert url == "memory://report-test/run/report.html" and f.read().count("<section") == len(SECTION_IDS)
 
 
 def test_report_package_never_imports_ray():
