@@ -6,6 +6,7 @@ recomputed here.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 from typing import Mapping, Optional, Sequence
@@ -42,19 +43,15 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    with matplotlib.rc_context(_STYLE):
-        fig.savefig(buf, format="png", dpi=_DPI, facecolor="white")
-    return buf.getvalue()
-
-
 def _styled(fn):
-    """Build the figure under the report's rc style (rcParams are read when artists are made)."""
-    def wrapper(*args, **kwargs):
+    """Build the figure and encode it as PNG under the report's rc style (rcParams are read both
+    when artists are made and when they are drawn)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> bytes:
         with matplotlib.rc_context(_STYLE):
-            return _png(fn(*args, **kwargs))
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+            buf = io.BytesIO()
+            fn(*args, **kwargs).savefig(buf, format="png", dpi=_DPI, facecolor="white")
+            return buf.getvalue()
     return wrapper
 
 
