@@ -15,6 +15,14 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
     || echo "bootstrap: could not install dataset-fashion-mnist (apt); Fashion-MNIST tests will fail" >&2
 fi
 
+# Headless Chromium + its WebDriver from Debian's packages for the report's browser test
+# (tests/test_report.py opens report.html in it; Selenium is pointed at /usr/bin/chromedriver, so
+# Selenium Manager never downloads a driver).
+if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+    || echo "bootstrap: could not install chromium + chromium-driver (apt); the report's browser test will fail" >&2
+fi
+
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
