@@ -320,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         if args.debug:
             traceback.print_exc()
-        if isinstance(e, (ValueError, StoreError)):  # bad input: config, files, an unwritable store
+        if isinstance(e, (ValueError, FileNotFoundError, StoreError)):  # bad input: config, files, the store
             print(f"mmgm {args.command}: error: {e}", file=sys.stderr)
             return 2
         print(f"mmgm {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
