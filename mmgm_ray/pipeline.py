@@ -47,7 +47,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
 
     from mmgm_ray.train.ray_train import prepare, run_ray_training
 
-    cfg.validate()
+    cfg.validate_sampling()  # the job samples after training: a Poisson config fails here, before training
     if cfg.oracle.kind != "none":
         raise ValueError("mmgm run trains a model: set oracle.kind='none' (use mmgm sample for oracle runs)")
     prepare(cfg)  # every check that can fail, before a worker or an actor starts
