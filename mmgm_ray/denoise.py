@@ -25,7 +25,9 @@ def denoise(model, y: torch.Tensor, batch_size: int = 64,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if y.dim() < 3 or y.shape[1] != model.M:
         raise ValueError(f"y must be (N, M={model.M}, *event_shape), got {tuple(y.shape)}")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:  # the model's device (an oracle has no parameters: the CPU)
+        device = next(iter(model.parameters()), torch.empty(0)).device
+    dev = torch.device(device)
     out = []
     with torch.no_grad():
         for start in range(0, y.shape[0], batch_size):

@@ -183,8 +183,9 @@ def load_sampling_model(cfg: RunConfig, device: str | torch.device = "cpu",
                         event_shape: Optional[tuple[int, ...]] = None) -> tuple[ScoreModel, tuple[int, ...], str]:
     """The model a sampling run uses: the oracle of ``cfg.oracle`` or the artifact at ``cfg.model_path``.
 
-    Returns (model, event_shape, model_hash). For an artifact, its own noise config (sigma, M) must
-    match the run's, or ValueError says which differs.
+    Returns (model, event_shape, model_hash). The config must be a sampling one
+    (``RunConfig.validate_sampling``: no Poisson MNM); an artifact must hold a model with a score and
+    its own noise config (kind, sigma, M) must match the run's, or ValueError says which differs.
     """
     cfg.validate_sampling()
     if cfg.oracle.kind != "none":

@@ -334,8 +334,13 @@ class PoissonMEM2(nn.Module):
         return xhat.reshape(B, C, *ev)
 
     def jump(self, y: torch.Tensor) -> torch.Tensor:
-        """E[X | Y = y] estimated as mean_m xhat_m(y) (equal for every m in exact arithmetic), (B, *event)."""
-        return self.robbins(y).mean(1)
+        """E[X | Y = y] estimated as mean_m xhat_m(y) (equal for every m in exact arithmetic), (B, *event).
+
+        Costs M d + 1 energy evaluations per example (Robbins' form), taken one channel at a time so
+        memory holds B d shifted copies of y, not B M d.
+        """
+        ones = torch.ones(y.shape[0], 1, dtype=torch.long, device=y.device)
+        return torch.stack([self.robbins(y, m * ones)[:, 0] for m in range(self.M)], 1).mean(1)
 
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """|x - xhat_m(y)|^2 per coordinate, one random channel m per example (THEORY section 1)."""
