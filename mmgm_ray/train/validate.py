@@ -37,7 +37,6 @@ def validate_run(cfg: RunConfig, dataset: Optional[ImageDataset] = None,
     # Re-check types and ranges even for configs built in code (dataclasses skip validation).
     cfg = from_dict(RunConfig, to_dict(cfg))
     cfg.validate()
-    poisson = cfg.noise.kind == "poisson"
     build_noise(cfg)
     if cfg.oracle.kind != "none":
         raise ValueError("oracle.kind must be 'none' for training (an oracle has nothing to learn)")
@@ -57,7 +56,7 @@ def validate_run(cfg: RunConfig, dataset: Optional[ImageDataset] = None,
     if per_rank < tc.batch_size:
         raise ValueError(f"{len(ds)} examples over {world} worker(s) give {per_rank} per worker, fewer than "
                          f"train.batch_size={tc.batch_size}; lower the batch size or the worker count")
-    if poisson and bool((ds.x < 0).any()):
+    if cfg.noise.kind == "poisson" and bool((ds.x < 0).any()):
         raise ValueError(f"noise.kind='poisson' needs non-negative data (the Poisson rates); data set "
                          f"{cfg.data.name!r} has negative values")
     if cfg.data.hflip and not ds.is_image:
