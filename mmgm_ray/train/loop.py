@@ -2,8 +2,9 @@
 
 It trains any learnable model of the math core through ``model.loss(x, generator)``
 (universal denoiser, MDAE, MEM^2, MUVB; the Poisson energy model, which has no previews): AdamW
-with linear warm-up, gradient clipping, an EMA copy of the weights updated every step, bf16 autocast on GPU only, periodic preview chains (a short
-walk-jump run with the EMA model saved as a PNG grid), metrics as JSON lines, progress lines.
+with linear warm-up, gradient clipping, an EMA copy of the weights updated every step, bf16
+autocast on GPU only, periodic preview chains (a short walk-jump run with the EMA model saved as a
+PNG grid), metrics as JSON lines, progress lines.
 
 Where it runs is abstracted by a :class:`Session`:
 
