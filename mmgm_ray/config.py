@@ -167,6 +167,9 @@ class SamplerConfig:
     init: Literal["uniform", "data", "zeros"] = "uniform"  # x0 ~ U[0,1]^d (MMGM code), data + noise, or 0
     block_size: int = 256            # chains per RNG block: noise depends on (seed, block id, step) only
     divergence_threshold: float = 1e4  # |y|_inf above this (or non-finite) marks a chain diverged
+    # where A-B-O-B-A evaluates the jump: "half" = the step's own (half-step) score evaluation, free;
+    # "full" = one extra network call at the full-step position, exact jump law on Gaussian targets
+    jump_at: Literal["half", "full"] = "half"
 
     def validate(self) -> None:
         check.positive("sampler.delta", self.delta, allow_none=True)
@@ -175,6 +178,9 @@ class SamplerConfig:
         check.positive("sampler.divergence_threshold", self.divergence_threshold)
         check.at_least("sampler.jump_every", self.jump_every, 1)
         check.at_least("sampler.block_size", self.block_size, 1)
+        if self.jump_at == "full" and self.integrator != "aboba":
+            raise ValueError(f"sampler.jump_at='full' applies to integrator 'aboba' only; {self.integrator!r} "
+                             "already evaluates its score (and jump) at the full-step position")
 
     def resolved_delta(self, sigma: float) -> float:
         return float(self.delta) if self.delta is not None else 0.5 * float(sigma)
@@ -235,16 +241,22 @@ class NetConfig:
 @dataclass
 class ModelConfig:
     """Which score model parametrization (THEORY sections 2-3, 6)."""
-    kind: Literal["universal", "mdae", "mem2"] = "universal"
+    kind: Literal["universal", "mdae", "mem2", "muvb"] = "universal"  # with noise.kind=poisson: mem2 only
     net: NetConfig = field(default_factory=NetConfig)
     input_scaling: bool = True      # MMGM: scale network input by 1/sqrt(0.225^2 + sigma^2) (MDAE/MEM^2)
     sigmoid_output: bool = False    # MMGM: sigmoid output for data in [0, 1] (MDAE)
     precond: Literal["edm", "none"] = "edm"  # universal: g = c_skip ybar + c_out net(c_in ybar) at sigma_eff
     sigma_data: float = 0.5         # data scale used by the "edm" preconditioning
+    # MUVB (THEORY section 3): latent size of the VAE and the number K of fixed reparametrization
+    # draws in its ELBO (the energy is deterministic: the same K draws in training and sampling)
+    latent_dim: int = 16
+    elbo_samples: int = 1
 
     def validate(self) -> None:
         self.net.validate()
         check.positive("model.sigma_data", self.sigma_data)
+        check.at_least("model.latent_dim", self.latent_dim, 1)
+        check.at_least("model.elbo_samples", self.elbo_samples, 1)
 
 
 @dataclass
@@ -430,9 +442,22 @@ class RunConfig:
         for section in (self.noise, self.data, self.model, self.oracle, self.train, self.sampler, self.store,
                         self.pool, self.generate, self.evaluate):
             section.validate()
+        if self.noise.kind == "poisson":
+            if self.model.kind != "mem2" or self.oracle.kind != "none":
+                raise ValueError(f"noise.kind='poisson' needs model.kind='mem2' (an energy model: Robbins' "
+                                 f"estimator uses the unnormalized p(y)) and no oracle; got model.kind="
+                                 f"{self.model.kind!r}, oracle.kind={self.oracle.kind!r}")
+            return  # no walk-jump sampler for Poisson: the sampler section is not used (validate_sampling)
         if self.model.kind != "universal" and self.sampler.walk == "reduced" and self.oracle.kind == "none":
-            raise ValueError("sampler.walk='reduced' needs a universal model (model.kind='universal'); "
-                             "use sampler.walk='full' for MDAE / MEM^2")
+            raise ValueError(f"sampler.walk='reduced' needs a universal model (model.kind='universal'); "
+                             f"use sampler.walk='full' for model.kind={self.model.kind!r}")
+
+    def validate_sampling(self) -> None:
+        """``validate`` plus what only a walk-jump sampling run needs (THEORY section 4)."""
+        if self.noise.kind == "poisson":
+            raise ValueError("noise.kind='poisson': walk-jump sampling needs a Gaussian MNM; a Poisson model "
+                             "only denoises (mmgm_ray.denoise), it cannot be sampled")
+        self.validate()
 
     @property
     def run_dir(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from typing import Any, Optional
 
 import fsspec
@@ -18,9 +19,10 @@ import torch
 
 from mmgm_ray.config import RunConfig, from_dict, to_dict
 from mmgm_ray.data.synthetic import gmm_parameters
-from mmgm_ray.models import MDAE, MEM2, ScoreModel, UniversalDenoiser
+from mmgm_ray.models import MDAE, MEM2, MUVB, PoissonMEM2, ScoreModel, UniversalDenoiser
 from mmgm_ray.nets import build_net
-from mmgm_ray.noise import GaussianMNM
+from mmgm_ray.nets.vae import VAE
+from mmgm_ray.noise import GaussianMNM, PoissonMNM
 from mmgm_ray.oracles import GaussianOracle, GMMOracle
 from mmgm_ray.store.fsutil import atomic_write  # the store's temp + rename / single-PUT write
 
@@ -28,26 +30,44 @@ ARTIFACT_FORMAT = "mmgm-model"
 ARTIFACT_VERSION = 1
 
 
-def build_noise(cfg: RunConfig) -> GaussianMNM:
-    """The Gaussian MNM of a run (Poisson models are not trained by this engine)."""
+def build_noise(cfg: RunConfig) -> GaussianMNM | PoissonMNM:
+    """The MNM of a run: Gaussian (noise.sigma, noise.M) or Poisson (noise.M)."""
+    if cfg.noise.kind == "poisson":
+        return PoissonMNM(cfg.noise.M)
     if cfg.noise.kind != "gaussian":
-        raise ValueError(f"noise.kind={cfg.noise.kind!r}: only Gaussian MNMs are trained and sampled")
+        raise ValueError(f"noise.kind must be 'gaussian' or 'poisson', got {cfg.noise.kind!r}")
     return GaussianMNM(cfg.noise.sigma, cfg.noise.M)
 
 
-def build_score_model(cfg: RunConfig, event_shape: tuple[int, ...]) -> ScoreModel:
-    """A learnable score model (universal / MDAE / MEM^2) wrapping the configured network."""
+def build_score_model(cfg: RunConfig, event_shape: tuple[int, ...]) -> ScoreModel | PoissonMEM2:
+    """A learnable model wrapping the configured network: universal / MDAE / MEM^2 / MUVB on a
+    Gaussian MNM, or the Poisson energy model (``PoissonMEM2``) for noise.kind='poisson'."""
     noise = build_noise(cfg)
     m = cfg.model
+    if isinstance(noise, PoissonMNM):
+        if m.kind != "mem2":
+            raise ValueError(f"noise.kind='poisson' needs model.kind='mem2' (an energy model), got {m.kind!r}")
+        return PoissonMEM2(build_net(m.net, event_shape, in_mult=noise.M), noise, event_shape)
     if m.kind == "universal":
         net = build_net(m.net, event_shape, in_mult=1)
         return UniversalDenoiser(net, noise, event_shape, precond=m.precond, sigma_data=m.sigma_data)
+    if m.kind == "muvb":
+        return MUVB(_build_vae(m, event_shape, noise.M), noise, event_shape, input_scaling=m.input_scaling,
+                    elbo_samples=m.elbo_samples, sigmoid_output=m.sigmoid_output)
     net = build_net(m.net, event_shape, in_mult=noise.M)
     if m.kind == "mdae":
         return MDAE(net, noise, event_shape, input_scaling=m.input_scaling, sigmoid_output=m.sigmoid_output)
     if m.kind == "mem2":
         return MEM2(net, noise, event_shape, input_scaling=m.input_scaling)
-    raise ValueError(f"model.kind must be universal, mdae or mem2, got {m.kind!r}")
+    raise ValueError(f"model.kind must be universal, mdae, mem2 or muvb, got {m.kind!r}")
+
+
+def _build_vae(m, event_shape: tuple[int, ...], M: int):
+    """MUVB's VAE: MLPs of width net.hidden and depth net.depth on flattened events."""
+    if m.net.arch == "unet":
+        raise ValueError("model.kind='muvb' uses an MLP VAE; set model.net.arch to 'mlp' or 'auto'")
+    m.net.validate()
+    return VAE(M * math.prod(event_shape), event_shape, m.latent_dim, m.net.hidden, m.net.depth)
 
 
 def build_oracle(cfg: RunConfig, event_shape: Optional[tuple[int, ...]] = None) -> GMMOracle:
@@ -160,16 +180,20 @@ def load_sampling_model(cfg: RunConfig, device: str | torch.device = "cpu",
                         event_shape: Optional[tuple[int, ...]] = None) -> tuple[ScoreModel, tuple[int, ...], str]:
     """The model a sampling run uses: the oracle of ``cfg.oracle`` or the artifact at ``cfg.model_path``.
 
-    Returns (model, event_shape, model_hash). For an artifact, its own noise config (sigma, M) must
-    match the run's, or ValueError says which differs.
+    Returns (model, event_shape, model_hash). The config must be a sampling one
+    (``RunConfig.validate_sampling``: no Poisson MNM); an artifact must hold a model with a score and
+    its own noise config (kind, sigma, M) must match the run's, or ValueError says which differs.
     """
+    cfg.validate_sampling()
     if cfg.oracle.kind != "none":
         oracle = build_oracle(cfg, event_shape)
         return oracle.to(device), oracle.event_shape, oracle_hash(cfg)
     if not cfg.model_path:
         raise ValueError("sampling needs model_path (a trained artifact) or an oracle (oracle.kind)")
     model, mcfg, info = load_artifact(cfg.model_path, device)
-    for key in ("sigma", "M"):
+    if not getattr(model, "samplable", True):
+        raise ValueError(f"{cfg.model_path} is a {type(model).__name__} model: it denoises, it cannot be sampled")
+    for key in ("kind", "sigma", "M"):
         if getattr(mcfg.noise, key) != getattr(cfg.noise, key):
             raise ValueError(f"noise.{key}={getattr(cfg.noise, key)} differs from the model's "
                              f"{getattr(mcfg.noise, key)} ({cfg.model_path})")

@@ -145,6 +145,7 @@ def stage_score(cfg: RunConfig, scfg: RunConfig, data: ImageDataset, progress: b
 
 def check_main_job(cfg: RunConfig) -> RunPlan:
     """Every check the main job can make before a worker or an actor starts (ValueError)."""
+    cfg.validate_sampling()  # the job samples after training: a Poisson config fails here, before training
     if cfg.oracle.kind != "none":
         raise ValueError("mmgm run trains a model: set oracle.kind='none' (use mmgm sample for oracle runs)")
     return validate_run(cfg)

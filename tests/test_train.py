@@ -171,7 +171,7 @@ def _write_fashion_folder(folder: Path, n: int = 130) -> None:
             (folder / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(raw))
 
 
-@pytest.mark.parametrize("name", ["digits", "gmm", "fashion_mnist", "cifar10_mdae", "cifar10_ussf"])
+@pytest.mark.parametrize("name", ["digits", "digits_muvb", "gmm", "fashion_mnist", "cifar10_mdae", "cifar10_ussf"])
 def test_shipped_configs_dry_run(name, tmp_path, capsys):
     """Every shipped config validates fully (config + data + network) with --dry-run.
 
@@ -241,6 +241,39 @@ def test_ray_resume_continues_steps_and_curve(ray_session, tmp_path):
     model, mcfg, info = load_artifact(str(out / "resume" / "model.pt"))
     assert info["extra"]["step"] == 40 and mcfg.train.steps == 40
     assert (out / "resume" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_ray_mem2_two_ddp_workers_resume_continues_steps_and_curve(ray_session, tmp_path):
+    """MEM^2 (double backprop: the loss differentiates the energy's gradient) on 2 DDP workers trains,
+    checkpoints and resumes exactly like the universal model: the resumed curve equals an
+    uninterrupted 2-worker run's. Plain DDP suffices (no static_graph / find_unused_parameters):
+    the inner torch.autograd.grad(..., inputs=y) runs no parameter's AccumulateGrad hook, so DDP's
+    reducer fires once per parameter, in the outer backward. The tolerance is the universal test's:
+    both runs take the same steps on the same data and noise; only all-reduce order may differ."""
+    from mmgm_ray.train.ray_train import run_ray_training
+
+    out = tmp_path / "ray"
+    mem2 = ["model.kind=mem2", "sampler.walk=full", "noise.M=4", "train.resources.num_workers=2", "train.preview.chains=0"]
+    r1 = run_ray_training(tiny_cfg(out, "train.steps=20", "name=mem2", *mem2), progress=False)
+    assert r1.metrics["step"] == 20 and r1.checkpoint_path
+    r2 = run_ray_training(tiny_cfg(out, "train.steps=30", "name=mem2", *mem2), progress=False)
+    assert r2.metrics["step"] == 30
+    hist = read_metrics(str(out / "mem2"))
+    assert [r["step"] for r in hist] == [5, 10, 15, 20, 25, 30]
+    assert [r["start_step"] for r in hist] == [0, 0, 0, 0, 20, 20]  # resumed, not restarted
+    ref = run_ray_training(tiny_cfg(out, "train.steps=30", "name=mem2-ref", *mem2), progress=False)
+    ref_loss = {r["step"]: r["loss"] for r in ref.history}
+    for r in hist:
+        assert r["loss"] == pytest.approx(ref_loss[r["step"]], rel=2e-3), (r["step"], r["loss"], ref_loss[r["step"]])
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    model, mcfg, info = load_artifact(str(out / "mem2" / "model.pt"))
+    assert info["extra"] == {"step": 30, "world_size": 2} and mcfg.model.kind == "mem2"
+    ref_model, _, _ = load_artifact(ref.artifact)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref_model.state_dict()[k], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.ray

@@ -1,9 +1,10 @@
 """The training loop: one module, in the spirit of NVlabs/edm ``training/training_loop.py``.
 
-It trains any learnable score model of the math core through ``model.loss(x, generator)``
-(universal denoiser, MDAE, MEM^2): AdamW with linear warm-up, gradient clipping, an EMA copy of
-the weights updated every step, bf16 autocast on GPU only, periodic preview chains (a short
-walk-jump run with the EMA model saved as a PNG grid), metrics as JSON lines, progress lines.
+It trains any learnable model of the math core through ``model.loss(x, generator)``
+(universal denoiser, MDAE, MEM^2, MUVB; the Poisson energy model, which has no previews): AdamW
+with linear warm-up, gradient clipping, an EMA copy of the weights updated every step, bf16
+autocast on GPU only, periodic preview chains (a short walk-jump run with the EMA model saved as a
+PNG grid), metrics as JSON lines, progress lines.
 
 Where it runs is abstracted by a :class:`Session`:
 
@@ -383,7 +384,7 @@ def training_loop(
             t_window = time.perf_counter()
 
         # ---- preview chains with the EMA model (rank 0) ----
-        if is_main and len(event_shape) == 3 and (
+        if is_main and len(event_shape) == 3 and getattr(ema, "samplable", True) and (
                 (tc.preview.every and step % tc.preview.every == 0) or step == tc.steps):
             t0 = time.perf_counter()
             preview_path = _write_preview(ema, cfg, event_shape, ds, device, run_dir, step)

@@ -67,7 +67,11 @@ class RaySession(Session):
         return ray.train.torch.get_device()
 
     def prepare_net(self, net: torch.nn.Module) -> torch.nn.Module:
-        # DDP only when there is more than one worker; prepare_model also moves it to the device
+        # DDP only when there is more than one worker; prepare_model also moves it to the device.
+        # Plain DDP also serves the energy models (MEM^2, MUVB, Poisson), whose loss differentiates
+        # the energy's gradient: their inner autograd.grad(..., inputs=y) runs no parameter's
+        # AccumulateGrad hook, so DDP reduces once per parameter in the outer backward and needs
+        # neither static_graph nor find_unused_parameters (tests/test_train.py checks 2 workers).
         return ray.train.torch.prepare_model(net, parallel_strategy="ddp" if self.world_size > 1 else None)
 
     def restore(self) -> Optional[dict]:

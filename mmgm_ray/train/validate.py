@@ -34,7 +34,7 @@ def validate_run(cfg: RunConfig, dataset: Optional[ImageDataset] = None,
         raise ValueError(f"expected a RunConfig, got {type(cfg).__name__}")
     # Re-check types and ranges even for configs built in code (dataclasses skip validation).
     cfg = from_dict(RunConfig, to_dict(cfg))
-    build_noise(cfg)  # only Gaussian MNMs are trained
+    build_noise(cfg)
     if cfg.oracle.kind != "none":
         raise ValueError("oracle.kind must be 'none' for training (an oracle has nothing to learn)")
     try:
@@ -50,6 +50,9 @@ def validate_run(cfg: RunConfig, dataset: Optional[ImageDataset] = None,
     if per_rank < cfg.train.batch_size:
         raise ValueError(f"{len(ds)} examples over {world} worker(s) give {per_rank} per worker, fewer than "
                          f"train.batch_size={cfg.train.batch_size}; lower the batch size or the worker count")
+    if cfg.noise.kind == "poisson" and bool((ds.x < 0).any()):
+        raise ValueError(f"noise.kind='poisson' needs non-negative data (the Poisson rates); data set "
+                         f"{cfg.data.name!r} has negative values")
     if cfg.data.hflip and not ds.is_image:
         raise ValueError("data.hflip needs image data")
     try:
