@@ -276,6 +276,8 @@ class TrainConfig:
     ema_eval_batch: int = 256       # fixed held-out batch for the occasional EMA loss (0 = off)
     preview_nrow: int = 8           # images per row in preview grids
     preview_scale: int = 1          # pixel enlargement of preview grids (8x8 digits: 4)
+    # --- added by mmgm_ray.preflight: how long Ray training waits for the autoscaler to add nodes ---
+    scale_timeout_s: float = 900.0
 
     def validate(self) -> None:
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):

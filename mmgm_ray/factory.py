@@ -21,6 +21,7 @@ from mmgm_ray.models import MDAE, MEM2, ScoreModel, UniversalDenoiser
 from mmgm_ray.noise import GaussianMNM
 from mmgm_ray.oracles import GaussianOracle, GMMOracle
 
+ARTIFACT_NAME = "model.pt"  # {output}/{name}/model.pt: training writes it, sampling jobs and manifests name it
 ARTIFACT_FORMAT = "mmgm-model"
 ARTIFACT_VERSION = 1
 

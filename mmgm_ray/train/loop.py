@@ -289,7 +289,7 @@ def training_loop(
     timing_warmup: Optional[int] = None,  # steps excluded from steady_images_per_s (default min(20, steps/5))
 ) -> LoopResult:
     """Train ``cfg.model`` on ``cfg.data`` for ``cfg.train.steps`` steps (from a checkpoint if any)."""
-    from mmgm_ray.factory import build_score_model, save_artifact
+    from mmgm_ray.factory import ARTIFACT_NAME, build_score_model, save_artifact
 
     session = session or Session()
     tc = cfg.train
@@ -415,7 +415,7 @@ def training_loop(
                         history=history, steady_images_per_s=steady, preview=preview_path)
     if is_main and write_artifact:
         mean, std = channel_stats(ds)
-        result.artifact = f"{run_dir}/model.pt"
+        result.artifact = f"{run_dir}/{ARTIFACT_NAME}"
         result.model_hash = save_artifact(result.artifact, ema, cfg, event_shape,
                                           {"mean": mean, "std": std, "n": len(ds), "source": ds.source},
                                           {"step": step, "world_size": world})

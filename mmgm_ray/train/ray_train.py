@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from mmgm_ray.config import RunConfig, from_dict, to_dict
+from mmgm_ray.factory import ARTIFACT_NAME
 from mmgm_ray.train.loop import (CKPT_FILE, Session, load_payload, read_metrics,
                                  run_dir_of, training_loop, write_config)
 from mmgm_ray.train.validate import RunPlan, check_cluster_resources, validate_run
@@ -200,5 +201,5 @@ def run_ray_training(cfg: RunConfig, plan: Optional[RunPlan] = None, progress: b
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.name!r} failed: {result.error}") from result.error
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return RayTrainResult(run_dir=run_dir, artifact=f"{run_dir}/model.pt", metrics=dict(result.metrics or {}),
+    return RayTrainResult(run_dir=run_dir, artifact=f"{run_dir}/{ARTIFACT_NAME}", metrics=dict(result.metrics or {}),
                           checkpoint_path=ckpt, history=read_metrics(run_dir))

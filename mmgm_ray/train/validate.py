@@ -66,16 +66,14 @@ def validate_run(cfg: RunConfig, dataset: Optional[ImageDataset] = None,
 
 
 def check_cluster_resources(cfg: RunConfig) -> None:
-    """With Ray initialized, fail early if the cluster can never hold the requested workers
-    (Ray Train would otherwise wait forever for resources)."""
-    import ray
+    """With Ray initialized: return once the cluster can hold the Ray Train workers, asking the
+    autoscaler for nodes if needed; ValueError if it never can, ``ResourcesUnavailable`` (a
+    ValueError) after ``train.scale_timeout_s`` (``mmgm_ray.preflight``)."""
+    # imported here: validate_run must not pull Ray into processes that only validate
+    from mmgm_ray.preflight import ResourceRequest, ensure_resources
 
-    total = ray.cluster_resources()
     tc = cfg.train
-    need_cpu = tc.num_workers * tc.cpus_per_worker
-    if total.get("CPU", 0.0) + 1e-9 < need_cpu:
-        raise ValueError(f"train.num_workers={tc.num_workers} x cpus_per_worker={tc.cpus_per_worker} needs "
-                         f"{need_cpu} CPUs; the Ray cluster has {total.get('CPU', 0.0)}")
-    if tc.use_gpu and total.get("GPU", 0.0) + 1e-9 < tc.num_workers:
-        raise ValueError(f"train.use_gpu with {tc.num_workers} workers needs {tc.num_workers} GPUs; "
-                         f"the Ray cluster has {total.get('GPU', 0.0)}")
+    bundle = {"CPU": tc.cpus_per_worker, **({"GPU": 1.0} if tc.use_gpu else {})}
+    # Ray Train's ScalingConfig places its workers with the PACK strategy by default
+    request = ResourceRequest.uniform(tc.num_workers, bundle, "PACK", what=f"train.num_workers={tc.num_workers}")
+    ensure_resources(request, timeout_s=tc.scale_timeout_s)
