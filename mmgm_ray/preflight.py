@@ -137,7 +137,8 @@ def _fmt(res: Mapping[str, float]) -> str:
 
 def _fmt_schedulable(res: Mapping[str, float]) -> str:
     """Like _fmt without the per-node markers and byte counts that only clutter a message."""
-    return _fmt({k: v for k, v in res.items() if not k.startswith("node:") and k not in NOISY_RESOURCES})
+    keep = {k: v for k, v in res.items() if not k.startswith("node:") and k not in NOISY_RESOURCES}
+    return _fmt(keep) if keep else "no CPUs or GPUs"
 
 
 def _add_all(dicts: Iterable[Mapping[str, float]]) -> dict:
@@ -203,7 +204,7 @@ def describe_maximum(cap: Capacity) -> str:
         adds = []
         for t in cap.node_types:
             more = None if t.max_count is None else max(0, t.max_count - cap.type_counts.get(t.name, 0))
-            adds.append(f"{t.name} {_fmt(t.resources)} x{'unlimited' if more is None else more}")
+            adds.append(f"{t.name} {_fmt_schedulable(t.resources)} x{'unlimited' if more is None else more}")
         text += "; may add " + (", ".join(adds) if adds else "nothing")
         if cap.max_workers is not None:
             text += f" (at most {cap.max_workers} worker nodes, {cap.workers_now} up)"
