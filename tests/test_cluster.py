@@ -5,15 +5,21 @@ clusters, where ``ray.cluster_resources()`` is empty until the autoscaler adds a
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import yaml
+from fake_cluster import FakeAutoscalingCluster, free_port
+from infra_commands import INFRA, documented_commands, local_argv
 
-from fake_cluster import FakeAutoscalingCluster
-
+from mmgm_ray.config import load_config, to_dict
 from mmgm_ray.factory import ARTIFACT_NAME, load_artifact
+
+LAUNCHER = INFRA / "cluster-launcher" / "aws-gpu.yaml"
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -67,3 +73,95 @@ def test_request_above_the_maximum_fails_fast(fake_cluster, tmp_path):
     assert "[mmgm preflight]" not in p.stderr  # no wait: refused before asking for nodes
     assert not (tmp_path / "toobig").exists()
     assert secs < 60, secs
+
+
+# ---- the infra files, run: every documented job command, the launcher's head command -----------
+
+def _resolved(argv: list[str]) -> tuple:
+    """(script name, resolved config as JSON): commands equal after the rewrite run once."""
+    config = argv[argv.index("--config") + 1]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    return Path(argv[1]).name, json.dumps(to_dict(load_config(config, sets)), sort_keys=True)
+
+
+@pytest.mark.timeout(1500)
+def test_documented_jobs_run(fake_cluster, tmp_path):
+    """Every RayJob entrypoint and `ray job submit` command of infra/ (tests/infra_commands.py),
+    with the bucket pointed at a local folder and tiny sizes, succeeds as a job on the cluster:
+    train, then sample from the train job's model.pt, then the main job (FID included)."""
+    bucket = tmp_path / "bucket"
+    runs: dict = {}
+    for cmd in documented_commands():
+        argv = local_argv(cmd, str(bucket), "python")
+        runs.setdefault(_resolved(argv), (argv, []))[1].append(cmd.source)
+    order = {"train.py": 0, "sample.py": 1, "main.py": 2}
+    assert {k[0] for k in runs} == set(order)
+    for (script, _), (argv, sources) in sorted(runs.items(), key=lambda kv: order[kv[0][0]]):
+        t0 = time.monotonic()
+        p = fake_cluster.submit(argv, timeout_s=600)
+        logs = p.stdout + p.stderr
+        assert p.returncode == 0 and "succeeded" in logs, f"{sources}: {' '.join(argv)}\n{logs[-4000:]}"
+        print(f"{script} ({len(sources)} documented command(s)): {time.monotonic() - t0:.0f} s")
+    _, cfg, info = load_artifact(str(bucket / "digits-train" / ARTIFACT_NAME))
+    assert info["extra"]["step"] == 6 and cfg.name == "digits-train"
+    manifest = json.loads((bucket / "digits-sample" / "manifest.json").read_text())
+    # 8 chains x 40 walk steps / jump_every 10 = 32 jumps, every one written once
+    assert manifest["status"] == "done" and manifest["progress"]["rows"] == 32, manifest["progress"]
+    report = json.loads((bucket / "digits-main-samples" / "report.json").read_text())
+    assert report["fid"]["n"] == 4 and report["fid"]["fid"] > 0, report.get("fid")
+
+
+# What `ray up` fills in for resources: {} from the instance type (AWS autodetection).
+INSTANCE_RESOURCES = {"g5.2xlarge": {"CPU": 8, "GPU": 1}}
+
+
+@pytest.fixture(scope="module")
+def launcher_cluster():
+    """The launcher's own `ray start --head` command (ports and the bootstrap config replaced), on
+    the fake provider with the launcher's node types and max_workers."""
+    cfg = yaml.safe_load(LAUNCHER.read_text())
+    head_cmds = cfg["head_start_ray_commands"]
+    assert "ray stop" in head_cmds  # run by the launcher on a fresh VM, never here: it ends every Ray
+    (start,) = [c for c in head_cmds if "ray start --head" in c]
+    assert "RAY_AUTH_MODE=token" in start  # the fixture's environment sets the same
+    argv = shlex.split(start.split("ray start", 1)[1])
+    replaced = ("--port", "--object-manager-port", "--autoscaling-config")
+    start_args = ["start", *[a for a in argv if not a.startswith(replaced)],
+                  f"--object-manager-port={free_port()}"]
+    head = cfg["head_node_type"]
+    workers = {name: {"resources": t.get("resources") or INSTANCE_RESOURCES[t["node_config"]["InstanceType"]],
+                      "min_workers": t.get("min_workers", 0), "max_workers": t["max_workers"]}
+               for name, t in cfg["available_node_types"].items() if name != head}
+    with FakeAutoscalingCluster(workers, cfg["max_workers"], cfg["available_node_types"][head]["resources"],
+                                start_args=start_args) as c:
+        yield c
+
+
+LAUNCHER_PROBE = """
+import json, ray
+from mmgm_ray.preflight import ResourceRequest, decide, discover_capacity, ensure_resources
+ray.init()
+cap = discover_capacity()
+gpu = lambda n: ResourceRequest.uniform(n, {"CPU": 1, "GPU": 1}, what=f"train.num_workers={n}")
+verdicts = {n: decide(gpu(n), cap).verdict.value for n in (1, 8, 9)}
+head_cpus = ray.cluster_resources().get("CPU", 0.0)
+ensure_resources(gpu(1), timeout_s=240, progress_every_s=5)
+print(json.dumps({"verdicts": verdicts, "never": decide(gpu(9), cap).message, "head_cpus": head_cpus,
+                  "types": [[t.name, t.max_count] for t in cap.node_types], "cpus": ray.cluster_resources().get("CPU"),
+                  "gpus": ray.cluster_resources().get("GPU")}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_launcher_head_command_and_its_maximum(launcher_cluster):
+    """The launcher's head has no CPUs; the pre-flight reads the launcher's node types (8 GPU
+    workers at most): 9 one-GPU workers can never run, 1 makes the autoscaler add a GPU node."""
+    p = subprocess.run([sys.executable, "-c", LAUNCHER_PROBE], env=launcher_cluster.env, capture_output=True,
+                       text=True, timeout=400)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["head_cpus"] == 0.0 and out["types"] == [["ray.worker.gpu", 8]]
+    assert out["verdicts"] == {"1": "later", "8": "later", "9": "never"}
+    assert "9 x {CPU: 1, GPU: 1} (PACK) needs {CPU: 9, GPU: 9}" in out["never"]
+    assert "ray.worker.gpu {CPU: 8, GPU: 1} x8 (at most 8 worker nodes" in out["never"]
+    assert out["cpus"] == 8.0 and out["gpus"] == 1.0  # one fake g5.2xlarge joined
