@@ -53,7 +53,8 @@ def test_train_asks_the_autoscaler_for_a_node(fake_cluster, tmp_path):
     err = p.stderr
     assert "[mmgm preflight] train.num_workers=1: 1 x {CPU: 1} (PACK) does not fit the free resources now" in err
     assert "may add cpu2 {CPU: 2} x2" in err and "resources are there" in err
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    # the last JSON line; Ray may print the autoscaler's events to the driver's stdout around it
+    out = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith('{"artifact"')][-1])
     assert out["artifact"].endswith(f"/scaled/{ARTIFACT_NAME}") and out["metrics"]["step"] == 10
     _, cfg, info = load_artifact(out["artifact"])
     assert info["extra"]["step"] == 10 and cfg.name == "scaled"
@@ -146,7 +147,7 @@ gpu = lambda n: ResourceRequest.uniform(n, {"CPU": 1, "GPU": 1}, what=f"train.nu
 verdicts = {n: decide(gpu(n), cap).verdict.value for n in (1, 8, 9)}
 head_cpus = ray.cluster_resources().get("CPU", 0.0)
 ensure_resources(gpu(1), timeout_s=240, progress_every_s=5)
-print(json.dumps({"verdicts": verdicts, "never": decide(gpu(9), cap).message, "head_cpus": head_cpus,
+print("RESULT", json.dumps({"verdicts": verdicts, "never": decide(gpu(9), cap).message, "head_cpus": head_cpus,
                   "types": [[t.name, t.max_count] for t in cap.node_types], "cpus": ray.cluster_resources().get("CPU"),
                   "gpus": ray.cluster_resources().get("GPU")}))
 """
@@ -159,7 +160,9 @@ def test_launcher_head_command_and_its_maximum(launcher_cluster):
     p = subprocess.run([sys.executable, "-c", LAUNCHER_PROBE], env=launcher_cluster.env, capture_output=True,
                        text=True, timeout=400)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    # the driver also prints the autoscaler's events ("(autoscaler +3s) Adding 1 node(s) ...")
+    (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    out = json.loads(line[len("RESULT "):])
     assert out["head_cpus"] == 0.0 and out["types"] == [["ray.worker.gpu", 8]]
     assert out["verdicts"] == {"1": "later", "8": "later", "9": "never"}
     assert "9 x {CPU: 1, GPU: 1} (PACK) needs {CPU: 9, GPU: 9}" in out["never"]
