@@ -311,11 +311,11 @@ def _autoscaler_status() -> Optional[dict]:
     return json.loads(raw) if raw else None
 
 
-def _nodes() -> tuple:
+def _nodes(gcs_address: str) -> tuple:
     """(totals, available, node type names) of the nodes that are up."""
     from ray.autoscaler.v2.sdk import get_cluster_status
 
-    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    status = get_cluster_status(gcs_address)
     totals, avail, types = [], [], []
     for n in status.active_nodes + status.idle_nodes:
         tot = {u.resource_name: u.total for u in n.resource_usage.usage}
@@ -325,19 +325,21 @@ def _nodes() -> tuple:
     return totals, avail, types
 
 
-def discover_capacity() -> Capacity:
-    """The cluster's ``Capacity`` (see the module docstring for the order of sources)."""
-    totals, avail, node_type_names = _nodes()
+def discover_capacity(gcs_address: Optional[str] = None) -> Capacity:
+    """The ``Capacity`` of the connected cluster (or the one at ``gcs_address``); see the module
+    docstring for the order of sources."""
+    gcs = gcs_address or ray.get_runtime_context().gcs_address
+    totals, avail, node_type_names = _nodes(gcs)
     workers_now = sum(1 for t in totals if "node:__internal_head__" not in t)
     base = dict(totals=tuple(totals), available=tuple(avail), workers_now=workers_now)
-    status = _autoscaler_status()
-    counts = Counter((status or {}).get("autoscaler_report", {}).get("active_nodes") or {}) \
-        or Counter(node_type_names)
+    report = (_autoscaler_status() or {}).get("autoscaler_report") or {}
+    counts = dict(Counter(report.get("active_nodes") or {}) or Counter(node_type_names))
     gcs_cfg = _gcs_cluster_config()
     if gcs_cfg is not None:
-        return Capacity(**base, node_types=gcs_cfg[0], type_counts=dict(counts), max_resources=gcs_cfg[1],
+        return Capacity(**base, node_types=gcs_cfg[0], type_counts=counts, max_resources=gcs_cfg[1],
                         autoscaling=True, source="the GCS cluster config")
-    monitor = _monitor_cmdline(ray.get_runtime_context().gcs_address)
+    unreadable = ""
+    monitor = _monitor_cmdline(gcs)
     if monitor is not None:
         path = _flag(monitor[0], "--autoscaling-config")
         if path is None:
@@ -346,15 +348,14 @@ def discover_capacity() -> Capacity:
         try:
             with open(path) as f:
                 types, max_workers = node_types_from_config(yaml.safe_load(f))
-            return Capacity(**base, node_types=types, type_counts=dict(counts), max_workers=max_workers,
+            return Capacity(**base, node_types=types, type_counts=counts, max_workers=max_workers,
                             autoscaling=True, source=f"autoscaler config {path}")
-        except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
-            pass  # unreadable: fall through to what the GCS shows
-    reported = set((status or {}).get("autoscaler_report", {}).get("active_nodes") or {})
-    readonly = bool(reported) and all(t.startswith(READONLY_TYPE_PREFIX) for t in reported)
-    if readonly:
-        return Capacity(**base, source="fixed cluster: read-only autoscaler")
-    return Capacity(**base, autoscaling=True, source="autoscaler config not visible from this process")
+        except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as e:
+            unreadable = f"; its config {path} is unreadable ({type(e).__name__})"
+    reported = set(report.get("active_nodes") or {})
+    if reported and all(t.startswith(READONLY_TYPE_PREFIX) for t in reported):
+        return Capacity(**base, source="fixed cluster: read-only autoscaler" + unreadable)
+    return Capacity(**base, autoscaling=True, source="autoscaler config not visible from this process" + unreadable)
 
 
 # ---- acting on the verdict ----------------------------------------------------------------------

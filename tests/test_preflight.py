@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import itertools
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -178,6 +180,86 @@ def test_node_types_from_config_defaults_and_the_shipped_launcher():
     launcher = yaml.safe_load((ROOT / "infra" / "cluster-launcher" / "aws-gpu.yaml").read_text())
     types, mw = node_types_from_config(launcher)
     assert mw == 8 and [t.name for t in types] == ["ray.worker.gpu"] and types[0].max_count == 8
+
+
+# ---- where the maximum comes from (discover_capacity with its sources faked) --------------------
+
+@pytest.fixture
+def sources(monkeypatch):
+    """Fake the four sources discover_capacity reads; tests set what each returns."""
+    from mmgm_ray import preflight
+
+    state = {"nodes": ([HEAD0], [HEAD0], ["ray.head.default"]), "status": None, "gcs": None, "monitor": None}
+    monkeypatch.setattr(preflight, "_nodes", lambda gcs: state["nodes"])
+    monkeypatch.setattr(preflight, "_autoscaler_status", lambda: state["status"])
+    monkeypatch.setattr(preflight, "_gcs_cluster_config", lambda: state["gcs"])
+    monkeypatch.setattr(preflight, "_monitor_cmdline", lambda gcs: state["monitor"])
+    return state
+
+
+def _report(*types):
+    return {"autoscaler_report": {"active_nodes": {t: 1 for t in types}}}
+
+
+def test_capacity_from_the_monitors_config_file(sources, tmp_path):
+    from mmgm_ray.preflight import discover_capacity
+
+    (tmp_path / "boot.yaml").write_text(yaml.safe_dump({"max_workers": 3, "head_node_type": "h", "available_node_types": {
+        "h": {"resources": {"CPU": 0}}, "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 3}}}))
+    sources["status"] = _report("h", "gpu")
+    sources["monitor"] = (["python", "ray/autoscaler/_private/monitor.py", "--gcs-address=h:6379",
+                           "--autoscaling-config=boot.yaml"], str(tmp_path))  # relative to the monitor's cwd
+    c = discover_capacity("h:6379")
+    assert c.autoscaling and c.max_workers == 3 and c.node_types == (NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 3),)
+    assert c.type_counts == {"h": 1, "gpu": 1} and c.source == f"autoscaler config {tmp_path / 'boot.yaml'}"
+    sources["monitor"] = (["monitor.py", "--autoscaling-config", str(tmp_path / "missing.yaml")], "/")
+    c = discover_capacity("h:6379")
+    assert c.autoscaling and c.node_types is None and "missing.yaml is unreadable (FileNotFoundError)" in c.source
+
+
+def test_capacity_fixed_and_unknown(sources):
+    from mmgm_ray.preflight import discover_capacity
+
+    sources["monitor"] = (["python", "monitor.py", "--gcs-address=h:6379"], "/")  # `ray start` without a config
+    assert not discover_capacity("h:6379").autoscaling
+    sources["monitor"] = None  # driver elsewhere (Ray client) or autoscaler in its own container (KubeRay)
+    sources["status"] = _report("node_" + "f" * 56)  # Ray's read-only autoscaler mirrors the nodes
+    c = discover_capacity("h:6379")
+    assert not c.autoscaling and c.source == "fixed cluster: read-only autoscaler"
+    sources["status"] = _report("headgroup", "gpu-workers")  # KubeRay's group names: it autoscales
+    c = discover_capacity("h:6379")
+    assert c.autoscaling and c.node_types is None and "not visible" in c.source
+    assert decide(req(10 ** 4, {"GPU": 8}), c).verdict is Verdict.LATER
+
+
+def test_capacity_from_the_gcs_cluster_config(sources):
+    from mmgm_ray.preflight import discover_capacity
+
+    sources["gcs"] = ((NodeType("g", {"GPU": 1.0}, None),), {"GPU": 4.0})
+    c = discover_capacity("h:6379")
+    assert c.source == "the GCS cluster config" and c.max_resources == {"GPU": 4.0}
+    assert decide(req(5, {"GPU": 1}), c).verdict is Verdict.NEVER
+
+
+def test_monitor_is_found_by_its_gcs_port(tmp_path):
+    """_monitor_cmdline reads /proc: this very process posing as a monitor is found by its port."""
+    from mmgm_ray.preflight import _monitor_cmdline
+
+    argv = ["python", "/x/ray/autoscaler/_private/monitor.py", "--gcs-address=10.0.0.1:46379",
+            "--autoscaling-config=/c.yaml"]
+    # a process whose argv looks like the monitor's (python ignores arguments after -c CODE)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv[1:]], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        found = None
+        while found is None and time.monotonic() < deadline:
+            found = _monitor_cmdline("127.0.0.1:46379")
+            time.sleep(0.1)
+        assert found is not None and found[0][-1] == "--autoscaling-config=/c.yaml" and found[1] == str(tmp_path)
+        assert _monitor_cmdline("127.0.0.1:46380") is None
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ---- against a local Ray (fixed cluster of 4 logical CPUs) --------------------------------------
