@@ -9,9 +9,9 @@ auth, and stops every process of that session (agents re-parented to pid 1 keep 
 plus any process whose command line names its temp dir.
 
 Port: the fake provider starts worker nodes against ``provider.gcs_address`` and only falls back to
-port 6379 when that is unset (RAY-NOTES saw a node stay "launching" for a head on another port
-without it). Setting it lets every cluster take a free port, so two test processes never collide
-on 6379 or with a real Ray there, and no lock is needed.
+port 6379 when that is unset (then a head on another port leaves its nodes "launching" for minutes).
+Setting it lets every cluster take a free port, so two test processes never collide on 6379 or with
+a real Ray there, and no lock is needed.
 """
 from __future__ import annotations
 

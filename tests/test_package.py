@@ -1,5 +1,6 @@
 """Package-level guarantees."""
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -53,8 +54,13 @@ def test_extras_and_the_test_extra_pulls_them():
 def test_wheel_metadata(tmp_path):
     """The build backend accepts the licence expression and ships LICENSE (built offline with the
     installed setuptools)."""
+    src = tmp_path / "src"  # a copy: setuptools leaves build/ and *.egg-info next to the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "LICENSE", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "mmgm_ray", src / "mmgm_ray", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
     (whl,) = tmp_path.glob("mmgm_ray-*.whl")
     with zipfile.ZipFile(whl) as z:
         meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
