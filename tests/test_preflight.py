@@ -264,10 +264,19 @@ def test_monitor_is_found_by_its_gcs_port(tmp_path):
 
 # ---- against a local Ray (fixed cluster of 4 logical CPUs) --------------------------------------
 
+def _wait_idle(ray, timeout_s: float = 120.0) -> None:
+    """Actors killed by earlier tests in the shared session release their CPUs asynchronously."""
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0):
+        assert time.monotonic() < deadline, f"CPUs still busy: {ray.available_resources()}"
+        time.sleep(0.5)
+
+
 @pytest.mark.ray
 def test_local_cluster_is_fixed_and_never_fails_fast(ray_session):
     from mmgm_ray.preflight import discover_capacity, ensure_resources
 
+    _wait_idle(ray_session)
     c = discover_capacity()
     assert not c.autoscaling and c.node_types is None, c
     assert "autoscaler has no config" in c.source  # its monitor was found and has no config file
@@ -291,6 +300,7 @@ def test_busy_cluster_waits_bounded_then_proceeds(ray_session):
         def ping(self):
             return 1
 
+    _wait_idle(ray)
     holders = [Hold.remote() for _ in range(3)]
     try:
         ray.get([h.ping.remote() for h in holders])
@@ -330,6 +340,7 @@ def test_wait_scheduled_bounds_the_pool_hang(ray_session):
             if fail:
                 raise RuntimeError("bad model path")
 
+    _wait_idle(ray)
     actors = [Chain.remote() for _ in range(4)]
     try:
         wait_scheduled(actors, timeout_s=120)  # returns once all four run (process start-up is slow here)
