@@ -74,7 +74,7 @@ class ResourceRequest:
     """Bundles to place together (a Ray Train worker group, a pool of actors) and how."""
     bundles: tuple
     strategy: str = "PACK"   # placement-group strategy; independent actors: PACK or SPREAD (both soft)
-    what: str = ""           # how messages name the request, e.g. "train.num_workers=2"
+    what: str = ""           # how messages name the request, e.g. "train.resources.num_workers=2"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

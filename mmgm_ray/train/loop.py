@@ -38,7 +38,7 @@ from mmgm_ray import faults
 from mmgm_ray.config import RunConfig, SamplerConfig, dump_config, from_dict, to_dict
 from mmgm_ray.data import ImageDataset, channel_stats, load_dataset, make_loader
 from mmgm_ray.engine import WalkJumpEngine
-from mmgm_ray.factory import build_score_model, save_artifact
+from mmgm_ray.factory import ARTIFACT_NAME, build_score_model, save_artifact
 from mmgm_ray.images import save_grid
 from mmgm_ray.store.fsutil import atomic_write
 from mmgm_ray.train.validate import validate_run
