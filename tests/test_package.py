@@ -33,7 +33,7 @@ def test_cli_help_lists_subcommands():
 PKG = pathlib.Path(__file__).resolve().parents[1] / "mmgm_ray"
 MATH_CORE = {"config", "validators", "noise", "models", "oracles", "integrators", "rng", "jumps", "engine",
              "conditioning", "factory", "faults", "images", "nets", "data", "store", "diagnostics", "train"}
-RAY_LAYER = {"cluster", "preflight", "pool", "pipeline", "train.ray_train", "cli"}
+RAY_LAYER = {"cluster", "preflight", "pool", "postprocess", "pipeline", "train.ray_train", "cli"}
 
 
 def _modules():

@@ -103,7 +103,7 @@ def load_manifest(run: SampleStore | str, storage_options: dict | None = None) -
         man = json.loads(fs.cat_file(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if man.get("format") != MANIFEST_FORMAT:
+    if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not an mmgm run manifest")
     return man
 

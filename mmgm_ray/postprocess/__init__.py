@@ -1,0 +1,8 @@
+"""Post-processing of a run's sample store at cluster scale (the Ray layer's read side).
+
+* :mod:`~mmgm_ray.postprocess.source`: one read path over the committed view, in this process
+  (pyarrow) or on the cluster (Ray Data), yielding the same rows.
+"""
+from mmgm_ray.postprocess.source import CommittedView, decode_samples, open_committed
+
+__all__ = ["CommittedView", "open_committed", "decode_samples"]
