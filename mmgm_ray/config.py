@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,6 +136,20 @@ def _positive(name: str, value: float | int | None, allow_none: bool = False) ->
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+SEED_LIMIT = 1 << 63  # run seeds key the RNG (mmgm_ray.rng) and are int64 in manifests and Parquet
+
+
+def check_seed(name: str, seed: Any) -> int:
+    """Return ``seed`` as an int, or raise ValueError naming ``name`` unless it is in [0, 2**63)."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if isinstance(seed, bool) or value is None or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {seed!r}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -163,7 +178,7 @@ class SamplerConfig:
     friction: Literal["scaled", "unscaled"] = "scaled"  # zeta1 = exp(-gamma*delta) or exp(-gamma)
     jump_every: int = 10             # k: one jump xhat every k walk steps
     init: Literal["uniform", "data", "zeros"] = "uniform"  # x0 ~ U[0,1]^d (MMGM code), data + noise, or 0
-    block_size: int = 256            # chains per RNG block: noise depends on (seed, block id, step) only
+    block_size: int = 256            # chains per checkpoint / storage block (never changes the draws)
     divergence_threshold: float = 1e4  # |y|_inf above this (or non-finite) marks a chain diverged
 
     def validate(self) -> None:
@@ -394,6 +409,7 @@ class RunConfig:
     model_path: Optional[str] = None  # trained artifact for sampling
 
     def validate(self) -> None:
+        check_seed("seed", self.seed)
         for section in (self.noise, self.data, self.model, self.train, self.sampler, self.store, self.pool,
                         self.evaluate):
             section.validate()

@@ -206,7 +206,7 @@ def run_pool(cfg: RunConfig, resume: bool = False, *, storage_options: Optional[
             raise ValueError(f"cannot resume {run_url}: recorded layout does not cover blocks 0..{len(blocks) - 1}")
     else:
         layout = split_layout(len(blocks), cfg.pool.num_actors)
-    seeds = {"run_seed": cfg.seed, "rng": "splitmix64(run_seed, block_id, step, stream)",
+    seeds = {"run_seed": cfg.seed, "rng": "philox4x32-10(key=run_seed, counter=(draw // 4, step, chain_id, stream))",
              "block_size": cfg.sampler.block_size}
     # create_run checks writability and (on resume) schema / shape / dtype before touching anything
     store = create_run(root, run_id, event_shape=event_shape, config=cfg, model_hash=model_hash, seeds=seeds,
