@@ -166,7 +166,7 @@ class SamplerConfig:
     friction: Literal["scaled", "unscaled"] = "scaled"  # zeta1 = exp(-gamma*delta) or exp(-gamma)
     jump_every: int = 10             # k: one jump xhat every k walk steps
     init: Literal["uniform", "data", "zeros"] = "uniform"  # x0 ~ U[0,1]^d (MMGM code), data + noise, or 0
-    block_size: int = 256            # chains per RNG block: noise depends on (seed, block id, step) only
+    block_size: int = 256            # chains per checkpoint / storage block (never changes the draws)
     divergence_threshold: float = 1e4  # |y|_inf above this (or non-finite) marks a chain diverged
     # where A-B-O-B-A evaluates the jump: "half" = the step's own (half-step) score evaluation, free;
     # "full" = one extra network call at the full-step position, exact jump law on Gaussian targets
@@ -441,7 +441,7 @@ class RunConfig:
 
     def validate(self) -> None:
         check.run_name("name", self.name)
-        check.at_least("seed", self.seed, 0)
+        check.seed("seed", self.seed)
         for section in (self.noise, self.data, self.model, self.oracle, self.train, self.sampler, self.store,
                         self.pool, self.generate, self.evaluate):
             section.validate()

@@ -1,9 +1,12 @@
 """Walk-jump engine: a batch of long-run chains on one device (THEORY sections 4-5).
 
 The chains are grouped in fixed-size *blocks*; chain ``c`` is index ``c % block_size`` of block
-``c // block_size``. All randomness is drawn per block from ``mmgm_ray.rng.BlockRNG`` keyed by
-(run seed, block id, step, stream), so a chain's noise depends only on (run seed, chain id) and a
-restart, a different actor or a different grouping of blocks into batches sees the same noise.
+``c // block_size``. Blocks are the unit of checkpointing and storage, not of randomness: every
+draw comes from ``mmgm_ray.rng.ChainRNG`` keyed by (run seed, chain id, step, stream, element), in
+one vectorized call for all the engine's chains. A chain's trajectory therefore depends only on
+(run seed, chain id): a restart, another actor count, another block size or another grouping of
+blocks into batches sees the same noise (and, on one device with a batch-invariant score model,
+the same bits).
 
 Walks:
 - ``"reduced"``: the exact reduced walk on (ybar, vbar) in R^{2d} (universal models only), with
@@ -33,7 +36,7 @@ from mmgm_ray.integrators import (NOISE_DRAWS, IntegratorParams, LangevinState, 
 from mmgm_ray.jumps import DivergenceEvent, JumpBatch
 from mmgm_ray.models import ScoreModel
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: noise keyed per chain; resuming a version-1 state would switch noise mid-trajectory
 
 
 class EngineState(NamedTuple):
@@ -60,12 +63,10 @@ class WalkJumpEngine:
         sampler: integrator, walk, delta, gamma, u, friction, jump_every, init, block_size, threshold,
             jump_at.
         event_shape: shape of one sample x, e.g. (1, 8, 8) or (d,).
-        run_seed: the run's seed; with the block ids it determines every draw.
-        block_ids: the blocks this engine holds, in batch order (any order, any subset).
-        device: where the state lives and noise is drawn.
-        shared_full_noise: reduced walk only; draw full (M, *event) noise and average it over m instead
-            of drawing N(0, I/M) directly. Makes a reduced walk follow the full walk with the same seed
-            to round-off (a test hook; M times more random numbers).
+        run_seed: the run's seed in [0, 2^63); with the chain ids it determines every draw.
+        block_ids: the blocks this engine holds, in batch order (any order, any subset); chain ids
+            must stay below 2^32.
+        device: where the state lives and noise is drawn (the draws are the same on every device).
         autocast_dtype: e.g. torch.bfloat16 to evaluate the network under autocast (state stays fp32).
         num_chains: the run's total chain count; chains with id >= num_chains (padding in the last
             block) are computed with their block but never emitted nor reported. None = all chains.
@@ -73,7 +74,7 @@ class WalkJumpEngine:
 
     def __init__(self, model: ScoreModel, sampler: SamplerConfig, event_shape: Sequence[int],
                  run_seed: int, block_ids: Sequence[int], device: str | torch.device = "cpu",
-                 shared_full_noise: bool = False, autocast_dtype: Optional[torch.dtype] = None,
+                 autocast_dtype: Optional[torch.dtype] = None,
                  num_chains: Optional[int] = None):
         sampler.validate()
         if not getattr(model, "samplable", True):
@@ -96,10 +97,12 @@ class WalkJumpEngine:
         self.integrator = get_integrator(sampler.integrator)
         self.n_draws = NOISE_DRAWS[sampler.integrator]
         self.device = torch.device(device)
-        self.rng = rng_mod.BlockRNG(run_seed, self.device)
-        self.run_seed = int(run_seed)
+        self.rng = rng_mod.ChainRNG(run_seed, self.device)
+        self.run_seed = self.rng.run_seed
         self.bs = sampler.block_size
-        self.shared_full_noise = bool(shared_full_noise)
+        if (max(self.block_ids) + 1) * self.bs > rng_mod.KEY_LIMIT:
+            raise ValueError(f"chain ids must stay below 2**32: block {max(self.block_ids)} "
+                             f"of block_size {self.bs} goes past it")
         self.autocast_dtype = autocast_dtype
         self.n_chains = self.bs * len(self.block_ids)
         blocks = torch.tensor(self.block_ids, dtype=torch.int64, device=self.device)
@@ -145,7 +148,7 @@ class WalkJumpEngine:
         """Chains start at x0 (uniform on [0,1]^d as in MMGM's code, data points, or 0), y_m = x0 + sigma eps_m, v = 0."""
         init = self.cfg.init
         if init == "uniform":
-            x0 = self.rng.uniform(self.block_ids, 0, rng_mod.STREAM_INIT_X, (self.bs, *self.event_shape))
+            x0 = self.rng.uniform(self.chain_ids, 0, rng_mod.STREAM_INIT_X, self.event_shape)
         elif init == "zeros":
             x0 = torch.zeros(self.n_chains, *self.event_shape, device=self.device)
         elif init == "data":
@@ -153,15 +156,13 @@ class WalkJumpEngine:
                 raise ValueError("sampler.init='data' needs a non-empty data tensor")
             if tuple(data.shape[1:]) != self.event_shape:
                 raise ValueError(f"data shape {tuple(data.shape[1:])} does not match event_shape {self.event_shape}")
-            idx = self.rng.randint(self.block_ids, 0, rng_mod.STREAM_INIT_INDEX, data.shape[0], self.bs)
+            idx = self.rng.randint(self.chain_ids, 0, rng_mod.STREAM_INIT_INDEX, data.shape[0])
             x0 = data.to(self.device, torch.float32)[idx.to(data.device) if data.device != self.device else idx]
         else:
             raise ValueError(f"unknown sampler.init {init!r}")
-        full_eps = not self.reduced or self.shared_full_noise
-        eps_shape = (self.bs, self.M, *self.event_shape) if full_eps else (self.bs, *self.event_shape)
-        eps = self.rng.normal(self.block_ids, 0, rng_mod.STREAM_INIT_EPS, eps_shape)
+        eps = self.rng.normal(self.chain_ids, 0, rng_mod.STREAM_INIT_EPS, self._chain_shape())
         if self.reduced:
-            y = x0 + (self.sigma * eps.mean(1) if full_eps else self.model.noise.sigma_eff * eps)
+            y = x0 + self.model.noise.sigma_eff * eps
         else:
             y = x0.unsqueeze(1) + self.sigma * eps
         self.state = EngineState(y.contiguous(), torch.zeros_like(y), self._initial_alive(), 0)
@@ -169,21 +170,15 @@ class WalkJumpEngine:
 
     # ---- one step -------------------------------------------------------------------------
     def _noise(self, step: int) -> torch.Tensor:
-        shape = self._chain_shape()
-        if self.reduced and self.shared_full_noise:
-            shape = (self.M, *self.event_shape)
-        lead = (self.n_draws,) if self.n_draws > 1 else ()
-        # Draws are laid out per block as (bs, [draws,] *shape) so the block's stream is fixed.
-        block_shape = (self.bs, *lead, *shape)
-        xi = self.rng.normal(self.block_ids, step, rng_mod.STREAM_WALK, block_shape)
+        """The walk noise of ``step``: N(0, I) per chain element, N(0, I/M) for the reduced walk.
+
+        Each chain draws (draws, *chain shape) standard normals on ``STREAM_WALK``; returned as
+        (draws, N, *shape) for Cheng's two draws, (N, *shape) otherwise.
+        """
+        xi = self.rng.normal(self.chain_ids, step, rng_mod.STREAM_WALK, (self.n_draws, *self._chain_shape()))
         if self.reduced:
-            if self.shared_full_noise:
-                xi = xi.mean(dim=1 + len(lead))       # mean over m: exactly N(0, I/M)
-            else:
-                xi = xi / math.sqrt(self.M)
-        if self.n_draws > 1:
-            xi = xi.movedim(1, 0)                     # (draws, N, *shape) as the integrator expects
-        return xi
+            xi = xi / math.sqrt(self.M)
+        return xi.movedim(1, 0) if self.n_draws > 1 else xi.squeeze(1)
 
     def _score_fn(self) -> Callable[[torch.Tensor], ScoreOutput]:
         fn = self.model.reduced_score if self.reduced else self.model.score

@@ -6,8 +6,11 @@ offending value, which is what the CLI prints as ``mmgm <cmd>: error: ...``.
 from __future__ import annotations
 
 import math
+import operator
 import re
 from typing import Any, Iterable, Optional
+
+SEED_LIMIT = 1 << 63  # run seeds key the RNG (mmgm_ray.rng) and are int64 in manifests and Parquet
 
 # Run names become one path component under ``output``: no separators, no "..", nothing hidden.
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
@@ -60,3 +63,14 @@ def run_name(key: str, name: str) -> str:
         raise ValueError(f"{key} {name!r} is not a valid run name: use letters, digits and . _ = + -, "
                          f"starting with a letter or digit (no '/', no '..')")
     return name
+
+
+def seed(key: str, value: Any) -> int:
+    """``value`` as an int if it is an integer in [0, 2**63) (the RNG's key range)."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        v = None
+    if isinstance(value, bool) or v is None or not 0 <= v < SEED_LIMIT:
+        raise ValueError(f"{key} must be an integer in [0, 2**63), got {value!r}")
+    return v

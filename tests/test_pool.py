@@ -310,6 +310,20 @@ def test_zombie_writer_is_fenced_and_rows_stay_bitwise(tmp_path):
     no_orphans(tmp_path / "zombie")
 
 
+def test_block_size_does_not_change_the_rows(tmp_path):
+    """Noise is keyed per chain, not per block: block sizes 32 and 128 store the same rows, bitwise
+    (with the previous per-block keying most rows differed)."""
+    stored = []
+    for bs in (32, 128):
+        cfg = gmm_cfg(tmp_path, f"bs{bs}", num_chains=128, num_steps=40)
+        cfg.sampler.block_size = bs
+        meta, data = rows(_inprocess(tmp_path, f"bs{bs}", cfg))
+        stored.append((meta.drop(["block_id"]), data))
+    (meta_a, data_a), (meta_b, data_b) = stored
+    assert meta_a.num_rows == 128 * 40 // JUMP
+    assert meta_a.equals(meta_b) and data_a == data_b
+
+
 # ---- a diverging chain is isolated and reported -----------------------------------------------------
 
 def test_diverging_chain_isolated_and_reported(ray_session, tmp_path):

@@ -28,7 +28,7 @@ from mmgm_ray import faults
 from mmgm_ray.cli import main as mmgm_main
 from mmgm_ray.config import load_config
 from mmgm_ray.factory import build_oracle, load_artifact
-from mmgm_ray.train.loop import read_metrics, train_local
+from mmgm_ray.train.loop import noise_seed, read_metrics, train_local
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -90,6 +90,15 @@ def test_loop_is_deterministic_and_local_resume_is_exact(tmp_path):
     assert sorted(lb) == [5, 10, 15, 20]
     for s in la:
         assert lb[s] == pytest.approx(la[s], rel=1e-5), (s, la[s], lb[s])
+
+
+def test_training_noise_seeds_use_the_whole_run_seed():
+    """Seeds that agree in their low 32 bits get different training noise (they used to alias);
+    seeds below 2^32 keep their previous noise streams."""
+    top = (1 << 63) - 1
+    seeds = [noise_seed(s, 0, 0) for s in (0, 1 << 32, top, top & 0xFFFFFFFF)]
+    assert len(set(seeds)) == 4
+    assert noise_seed(5, 1, 2) == int(np.random.SeedSequence([5, 1, 2]).generate_state(1)[0])
 
 
 def test_universal_mlp_approaches_gmm_oracle(tmp_path):

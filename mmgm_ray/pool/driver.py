@@ -120,7 +120,7 @@ def open_sampling_run(cfg: RunConfig, resume: bool, storage_options: Optional[di
                              f"0..{len(blocks) - 1}")
     else:
         layout = split_layout(len(blocks), cfg.pool.num_actors)
-    seeds = {"run_seed": cfg.seed, "rng": "splitmix64(run_seed, block_id, step, stream)",
+    seeds = {"run_seed": cfg.seed, "rng": "philox4x32-10(key=run_seed, counter=(draw // 4, step, chain_id, stream))",
              "block_size": cfg.sampler.block_size}
     # create_run checks writability and (on resume) schema / shape / dtype before touching anything
     store = create_run(cfg.output.rstrip("/"), cfg.name, event_shape=event_shape, config=cfg,

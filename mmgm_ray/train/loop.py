@@ -62,8 +62,11 @@ def write_config(cfg: RunConfig, run_dir: str) -> str:
 
 
 def noise_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of the noise generator at (seed, rank, step): SeedSequence mixing avoids related streams."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(rank), int(step)]).generate_state(1)[0])
+    """Seed of the noise generator at (seed, rank, step): SeedSequence mixing avoids related streams.
+
+    The whole seed is mixed (a seed above 2^32 becomes two entropy words), so no two seeds alias.
+    """
+    return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1)[0])
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
