@@ -176,6 +176,8 @@ class InceptionFeatures:
 
     def features(self, images) -> np.ndarray:
         """(N, 2048) float64 features of N images (uint8, or floats in [0, 1])."""
+        if isinstance(images, np.ndarray) and images.dtype == object:
+            images = np.stack(images)  # Ray Data hands list columns (the store's `sample`) over as arrays of arrays
         if self.event_shape is not None:
             images = np.asarray(images).reshape(len(images), *self.event_shape)
         n = len(images)
