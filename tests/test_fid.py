@@ -177,6 +177,7 @@ def test_features_and_fid_match_fid_helper(fid_helper_cls, inception):
     assert fid == pytest.approx(fid_ref, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_inception_callable_for_map_batches(inception):
     """dict batches (Ray Data's numpy format): flat store rows reshaped by event_shape, other columns
     kept; uint8 rows and their /255 floats give the same features (quantization is idempotent)."""
@@ -295,6 +296,7 @@ def test_kid_is_the_unbiased_mmd_of_its_definition():
 
 # ---- cached reference statistics ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cached_reference_hit_runs_no_inception(tmp_path, inception, monkeypatch):
     class Counting(F.InceptionFeatures):
         calls = 0
