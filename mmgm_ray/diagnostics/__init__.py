@@ -6,20 +6,31 @@
 * :mod:`~mmgm_ray.diagnostics.transitions`: class transition counts, visits, dwell, occupancy.
 * :mod:`~mmgm_ray.diagnostics.store_stats`: (chains, draws) arrays streamed from the Parquet
   sample store and the :func:`diagnose` report behind ``mmgm diagnose RUN``.
-* :mod:`~mmgm_ray.diagnostics.fid`: Inception-v3 features, FID (eigendecomposition square root)
-  and KID; reference statistics as .npz.
+* :mod:`~mmgm_ray.diagnostics.inception`: TF Inception-v3 pool3 features under the
+  ``"uint8-nv-bilinear-299"`` preprocessing (uint8, NVIDIA/TF1 bilinear resize), a callable class
+  for Ray Data ``map_batches``.
+* :mod:`~mmgm_ray.diagnostics.fid`: mergeable feature statistics, FID (eigendecomposition square
+  root), FID per jump window, KID; reference statistics cached as .npz.
 """
 from mmgm_ray.diagnostics.fid import (
+    PREPROCESSING,
     FeatureStats,
     InceptionFeatures,
+    cached_reference_stats,
     default_weights_path,
+    feature_stats,
+    fid_between,
     fid_from_features,
     fid_from_store,
+    fid_per_window,
     frechet_distance,
+    jump_windows,
     kid,
     load_stats,
+    reference_cache_path,
     reference_stats,
     save_stats,
+    window_stats_from_store,
 )
 from mmgm_ray.diagnostics.mcmc import (
     autocorr,
@@ -59,4 +70,6 @@ __all__ = [
     "DEFAULT_STATS",
     "InceptionFeatures", "FeatureStats", "default_weights_path", "frechet_distance",
     "fid_from_features", "kid", "reference_stats", "fid_from_store", "load_stats", "save_stats",
+    "PREPROCESSING", "feature_stats", "fid_between", "cached_reference_stats", "reference_cache_path",
+    "fid_per_window", "jump_windows", "window_stats_from_store",
 ]

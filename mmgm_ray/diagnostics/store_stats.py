@@ -160,15 +160,19 @@ def chain_arrays(run_root: str, stats: Sequence[str] = DEFAULT_STATS, *, n_proje
 
 def iter_sample_batches(run_root: str, *, select: str = "last", max_samples: int | None = None,
                         min_jump: int = 0, batch_rows: int = 256,
-                        storage_options: dict | None = None) -> Iterator[np.ndarray]:
+                        storage_options: dict | None = None,
+                        max_jump: int | None = None) -> Iterator[np.ndarray]:
     """Yield float32 sample batches ``(n, *event_shape)`` of a run (divergence rows excluded).
 
     ``select="last"``: the last jump of every chain; ``"all"``: every jump with
-    ``jump_index >= min_jump``. At most ``max_samples`` in total, in store order."""
+    ``min_jump <= jump_index <= max_jump`` (no upper bound when ``max_jump`` is None).
+    At most ``max_samples`` in total, in store order."""
     if select not in ("last", "all"):
         raise ValueError(f"select must be 'last' or 'all', got {select!r}")
     dataset, info = _dataset(run_root, storage_options)
     expr = (pc.field("diverged") == False) & (pc.field("jump_index") >= int(min_jump))  # noqa: E712
+    if max_jump is not None:
+        expr = expr & (pc.field("jump_index") <= int(max_jump))
     if select == "last":
         idx = chain_index(run_root, storage_options=storage_options)
         ids, last = idx["chain_ids"], idx["last_jump"]
