@@ -47,6 +47,7 @@ from typing import IO, Callable, Iterable, Mapping, Optional, Sequence
 
 import ray
 import yaml
+from ray.autoscaler.v2.sdk import get_cluster_status
 from ray.util.placement_group import placement_group, remove_placement_group
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -313,8 +314,6 @@ def _autoscaler_status() -> Optional[dict]:
 
 def _nodes(gcs_address: str) -> tuple:
     """(totals, available, node type names) of the nodes that are up."""
-    from ray.autoscaler.v2.sdk import get_cluster_status
-
     status = get_cluster_status(gcs_address)
     totals, avail, types = [], [], []
     for n in status.active_nodes + status.idle_nodes:
@@ -372,8 +371,6 @@ def autoscaler_activity() -> str:
         if demands:
             parts.append(f"{len(demands)} placement group demand(s) pending")
         return "; ".join(parts) or "no node launches"
-    from ray.autoscaler.v2.sdk import get_cluster_status
-
     st = get_cluster_status(ray.get_runtime_context().gcs_address)
     parts = [f"launching {p.ray_node_type_name} x{p.count}" for p in st.pending_launches]
     parts += [f"starting {p.ray_node_type_name}" for p in st.pending_nodes]

@@ -38,6 +38,8 @@ from mmgm_ray.diagnostics.inception import (
     require_weights,
     weights_sha256,
 )
+from mmgm_ray.data import load_dataset
+from mmgm_ray.diagnostics.store_stats import iter_sample_batches
 from mmgm_ray.store.fsutil import atomic_write
 
 __all__ = ["InceptionFeatures", "FeatureStats", "PREPROCESSING", "FEATURE_DIM", "INCEPTION_SIZE",
@@ -313,7 +315,6 @@ def feature_stats(images, features: Callable | None = None, batch_size: int = 25
 def _images_of(data):
     """The image array of a ``DataConfig``, an ``ImageDataset`` or an array."""
     if hasattr(data, "name") and hasattr(data, "split") and not hasattr(data, "x"):
-        from mmgm_ray.data import load_dataset
         data = load_dataset(data)
     return data.x if hasattr(data, "x") else data
 
@@ -434,7 +435,6 @@ def window_stats_from_store(run_root: str, windows: Mapping[str, tuple[int, int]
     """Feature statistics of a run's jumps per window ``{name: (first_jump, last_jump)}``
     (inclusive; every chain's jumps in the range, divergence rows excluded; at most
     ``max_samples`` per window, in store order). Feed the result to :func:`fid_per_window`."""
-    from mmgm_ray.diagnostics.store_stats import iter_sample_batches
     feats = features if features is not None else InceptionFeatures()
     return {name: _stats_of_batches(iter_sample_batches(run_root, select="all", min_jump=lo, max_jump=hi,
                                                         max_samples=max_samples, batch_rows=batch_rows,
@@ -444,7 +444,6 @@ def window_stats_from_store(run_root: str, windows: Mapping[str, tuple[int, int]
 
 def _store_images(run_root: str, select: str, max_samples: int | None, min_jump: int,
                   batch_rows: int, storage_options: dict | None) -> Iterator[np.ndarray]:
-    from mmgm_ray.diagnostics.store_stats import iter_sample_batches
     yield from iter_sample_batches(run_root, select=select, max_samples=max_samples, min_jump=min_jump,
                                    batch_rows=batch_rows, storage_options=storage_options)
 
