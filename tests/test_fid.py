@@ -171,7 +171,7 @@ def test_features_and_fid_match_fid_helper(fid_helper_cls, inception):
     f_ref, f_ev = inception(ref), inception(ev)
     np.testing.assert_allclose(f_ref, np.stack(helper.ref_feats_list), rtol=0, atol=1e-3)
     np.testing.assert_allclose(f_ev, np.stack(helper.eval_feats_list), rtol=0, atol=1e-3)
-    a, b = inception.new_stats().update(f_ref), inception.new_stats().update(f_ev)
+    a, b = F.new_stats(inception).update(f_ref), F.new_stats(inception).update(f_ev)
     fid = F.fid_between(b, a)
     assert fid > 10.0  # well away from 0: a relative comparison means something
     assert fid == pytest.approx(fid_ref, rel=1e-3)
@@ -308,7 +308,7 @@ def test_cached_reference_hit_runs_no_inception(tmp_path, inception, monkeypatch
     data = DataConfig(name="digits")
     feats = Counting(batch_size=8)
     first = F.cached_reference_stats(data, 8, str(tmp_path), feats, batch_size=4)
-    assert Counting.calls == 2 and first.n == 8 and first.labels() == inception.new_stats().labels()
+    assert Counting.calls == 2 and first.n == 8 and first.labels() == F.new_stats(inception).labels()
     path = F.reference_cache_path(str(tmp_path), data, 8, I.PREPROCESSING, inception.weights_sha256)
     assert path.endswith(".npz") and "digits-train-n8-uint8-nv-bilinear-299-" in path
     np.testing.assert_allclose(first.mean, inception(digits(0, 8)).mean(0), rtol=1e-6, atol=1e-6)

@@ -292,14 +292,14 @@ def kid(f1, f2, n_subsets: int = 100, subset_size: int = 1000, seed: int = 0) ->
             "subset_size": m, "n_subsets": int(n_subsets)}
 
 
-def _new_stats(features: Callable) -> FeatureStats:
+def new_stats(features: Callable) -> FeatureStats:
     """Empty statistics labelled like ``features`` (ad-hoc callables carry no labels)."""
     return FeatureStats(getattr(features, "dim", None), preprocessing=getattr(features, "preprocessing", None),
                         weights_sha256=getattr(features, "weights_sha256", None))
 
 
 def _stats_of_batches(batches: Iterable, features: Callable) -> FeatureStats:
-    st = _new_stats(features)
+    st = new_stats(features)
     for b in batches:
         st.update(features(b))
     return st

@@ -146,8 +146,8 @@ class InceptionFeatures:
         event_shape: reshape flat rows (the sample store's ``sample`` column) to ``(C, H, W)``.
 
     Attributes ``preprocessing``, ``weights_sha256`` and ``dim`` identify the features; statistics
-    record them (:meth:`new_stats`). On CUDA, TF32 convolutions are turned off during the forward
-    pass (they move features by ~1e-3) and cuDNN runs deterministic algorithms.
+    record them (``mmgm_ray.diagnostics.fid.new_stats``). On CUDA, TF32 convolutions are turned off
+    during the forward pass (they move features by ~1e-3) and cuDNN runs deterministic algorithms.
     Raises FileNotFoundError naming the path and how to get the weights if the file is missing.
     CPU: ~7 images/s on 2 cores.
     """
@@ -201,8 +201,3 @@ class InceptionFeatures:
             out[self.output_column] = self.features(batch[self.image_column])
             return out
         return self.features(batch)
-
-    def new_stats(self):
-        """An empty :class:`~mmgm_ray.diagnostics.fid.FeatureStats` labelled with these features."""
-        from mmgm_ray.diagnostics.fid import FeatureStats  # fid imports this module
-        return FeatureStats(self.dim, preprocessing=self.preprocessing, weights_sha256=self.weights_sha256)
