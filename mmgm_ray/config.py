@@ -171,8 +171,25 @@ class SamplerConfig:
     # where A-B-O-B-A evaluates the jump: "half" = the step's own (half-step) score evaluation, free;
     # "full" = one extra network call at the full-step position, exact jump law on Gaussian targets
     jump_at: Literal["half", "full"] = "half"
+    # the sampler's forward (mmgm_ray.fastpath): "auto" = the device's best for learned networks
+    # (compiled only when the run is long enough to pay the compile back), "off" = float32 eager,
+    # "on" = every option the device supports. YAML's on / off booleans are accepted.
+    fast: Union[bool, Literal["auto", "on", "off"]] = "auto"
+    autocast: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # network dtype (state stays float32)
+    compile: Union[bool, Literal["auto", "on", "off"]] = "auto"  # torch.compile (eager fallback, one warning)
+    micro_batch: int = 0             # chains per forward; 0 = measured at start-up (fast) / all chains (off)
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads on / off as booleans: keep the canonical strings (configs are compared on resume)
+        for key in ("fast", "compile"):
+            value = getattr(self, key)
+            if isinstance(value, bool):
+                setattr(self, key, "on" if value else "off")
 
     def validate(self) -> None:
+        check.one_of("sampler.fast", self.fast, ["auto", "on", "off"])
+        check.one_of("sampler.compile", self.compile, ["auto", "on", "off"])
+        check.at_least("sampler.micro_batch", self.micro_batch, 0)
         check.positive("sampler.delta", self.delta, allow_none=True)
         check.positive("sampler.gamma", self.gamma)
         check.positive("sampler.u", self.u)

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
+from mmgm_ray import fastpath
 from mmgm_ray import rng as rng_mod
 from mmgm_ray.config import SamplerConfig
 from mmgm_ray.integrators import (NOISE_DRAWS, IntegratorParams, LangevinState, ScoreOutput,
@@ -36,6 +37,8 @@ from mmgm_ray.integrators import (NOISE_DRAWS, IntegratorParams, LangevinState, 
 from mmgm_ray.jumps import DivergenceEvent, JumpBatch
 from mmgm_ray.models import ScoreModel
 
+# walk noise drawn ahead in one RNG call: up to this many steps, and at most this many draws
+NOISE_AHEAD_STEPS, NOISE_AHEAD_DRAWS = 16, 1 << 18
 STATE_VERSION = 2  # 2: noise keyed per chain; resuming a version-1 state would switch noise mid-trajectory
 
 
@@ -67,14 +70,16 @@ class WalkJumpEngine:
         block_ids: the blocks this engine holds, in batch order (any order, any subset); chain ids
             must stay below 2^32.
         device: where the state lives and noise is drawn (the draws are the same on every device).
-        autocast_dtype: e.g. torch.bfloat16 to evaluate the network under autocast (state stays fp32).
+        fast: how the score is evaluated (``mmgm_ray.fastpath.FastOptions``: autocast, channels_last,
+            compile, micro-batch; state stays fp32); None = float32 eager, all chains in one forward.
+            The options in effect (``self.fast``) are part of the state dict: they decide the round-off.
         num_chains: the run's total chain count; chains with id >= num_chains (padding in the last
             block) are computed with their block but never emitted nor reported. None = all chains.
     """
 
     def __init__(self, model: ScoreModel, sampler: SamplerConfig, event_shape: Sequence[int],
                  run_seed: int, block_ids: Sequence[int], device: str | torch.device = "cpu",
-                 autocast_dtype: Optional[torch.dtype] = None,
+                 fast: Optional[fastpath.FastOptions] = None,
                  num_chains: Optional[int] = None):
         sampler.validate()
         if not getattr(model, "samplable", True):
@@ -103,7 +108,6 @@ class WalkJumpEngine:
         if (max(self.block_ids) + 1) * self.bs > rng_mod.KEY_LIMIT:
             raise ValueError(f"chain ids must stay below 2**32: block {max(self.block_ids)} "
                              f"of block_size {self.bs} goes past it")
-        self.autocast_dtype = autocast_dtype
         self.n_chains = self.bs * len(self.block_ids)
         blocks = torch.tensor(self.block_ids, dtype=torch.int64, device=self.device)
         self.block_of_chain = blocks.repeat_interleave(self.bs)
@@ -111,6 +115,12 @@ class WalkJumpEngine:
         if num_chains is not None and num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {num_chains}")
         self.num_chains = num_chains
+        score = fastpath.score_function(model, sampler.walk)
+        self._score = score if fast is None else fastpath.FastScore(score, fast, self.device, self._chain_shape())
+        self.fast = fastpath.OFF if fast is None else self._score.options   # compile may have fallen back
+        per_step = self.n_chains * self.n_draws * math.prod(self._chain_shape())
+        self._noise_steps = max(1, min(NOISE_AHEAD_STEPS, NOISE_AHEAD_DRAWS // per_step))
+        self._noise_ahead: tuple[int, torch.Tensor] = (0, torch.empty(0))
         self.state: Optional[EngineState] = None
         self._reset_divergence_flags(self._initial_alive())
 
@@ -173,23 +183,23 @@ class WalkJumpEngine:
         """The walk noise of ``step``: N(0, I) per chain element, N(0, I/M) for the reduced walk.
 
         Each chain draws (draws, *chain shape) standard normals on ``STREAM_WALK``; returned as
-        (draws, N, *shape) for Cheng's two draws, (N, *shape) otherwise.
+        (draws, N, *shape) for Cheng's two draws, (N, *shape) otherwise. The draws of the next
+        few steps come from one RNG call (``ChainRNG.normal_steps``, bitwise the per-step draws):
+        its fixed cost would otherwise dominate a cheap score such as an oracle's.
         """
-        xi = self.rng.normal(self.chain_ids, step, rng_mod.STREAM_WALK, (self.n_draws, *self._chain_shape()))
+        first, ahead = self._noise_ahead
+        if not first <= step < first + len(ahead):
+            count = min(self._noise_steps, rng_mod.KEY_LIMIT - step)
+            ahead = self.rng.normal_steps(self.chain_ids, step, count, rng_mod.STREAM_WALK,
+                                          (self.n_draws, *self._chain_shape()))
+            first, self._noise_ahead = step, (step, ahead)
+        xi = ahead[step - first]
         if self.reduced:
             xi = xi / math.sqrt(self.M)
         return xi.movedim(1, 0) if self.n_draws > 1 else xi.squeeze(1)
 
     def _score_fn(self) -> Callable[[torch.Tensor], ScoreOutput]:
-        fn = self.model.reduced_score if self.reduced else self.model.score
-        if self.autocast_dtype is None:
-            return fn
-
-        def wrapped(y):
-            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-                out = fn(y)
-            return ScoreOutput(out.psi.float(), out.xhat.float())
-        return wrapped
+        return self._score
 
     def _check_divergence(self, out: ScoreOutput) -> None:
         """Flag chains whose state, score or jump is non-finite or whose |y|_inf explodes.
@@ -288,9 +298,11 @@ class WalkJumpEngine:
 
     # ---- save / restore -------------------------------------------------------------------
     def header(self) -> dict:
-        """What a saved state must match to be restored here (seed, block size, walk, M, shape)."""
+        """What a saved state must match to be restored here (seed, block size, walk, M, shape, and
+        the fast-path options, which decide the round-off)."""
         return {"version": STATE_VERSION, "run_seed": self.run_seed, "block_size": self.bs,
-                "walk": self.cfg.walk, "M": self.M, "event_shape": list(self.event_shape)}
+                "walk": self.cfg.walk, "M": self.M, "event_shape": list(self.event_shape),
+                "fast": self.fast.as_dict()}
 
     def state_dict(self, block_ids: Optional[Sequence[int]] = None) -> dict:
         """Exact chain state of the engine, or of ``block_ids`` only (per-block checkpoints).
@@ -319,10 +331,12 @@ class WalkJumpEngine:
         or a list of such dicts (e.g. one per block, as the pool's block checkpoints hold them).
 
         All restored blocks must share one step, and a fresh engine (no ``initialize``) needs
-        every block it holds. The header (seed, block size, walk, M, shape) must match, or
-        ValueError says which field differs.
+        every block it holds. The header (seed, block size, walk, M, shape, fast-path options) must
+        match, or ValueError says which field differs. A state without options was saved before
+        fast paths existed, i.e. with ``fastpath.OFF``.
         """
         sd = _join_state_dicts(sd) if isinstance(sd, (list, tuple)) else sd
+        sd = {"fast": fastpath.OFF.as_dict(), **sd}
         for key, val in self.header().items():
             if sd.get(key) != val:
                 raise ValueError(f"checkpoint {key}={sd.get(key)!r} does not match engine {key}={val!r}")

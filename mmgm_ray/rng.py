@@ -185,15 +185,23 @@ class ChainRNG:
         self.device = torch.device(device)
         self.philox = Philox4x32((self.run_seed & _M32, self.run_seed >> 32), self.device)
 
-    def _lanes(self, chain_ids: torch.Tensor, step: int, stream: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Philox lanes ((c0, c2), (c3, c1)) of counters (g, step, chain, stream), g < ``groups``: (2, N, groups)."""
+    def _lanes(self, chain_ids: torch.Tensor, step: int, stream: int, groups: int,
+               n_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Philox lanes ((c0, c2), (c3, c1)) of counters (g, t, chain, stream), g < ``groups``, t in
+        [step, step + n_steps): (2, N, groups), or (2, n_steps, N, groups) when ``n_steps`` > 1."""
         _check_key("step", step)
         _check_key("stream", stream)
+        if not 1 <= n_steps <= KEY_LIMIT - step:
+            raise ValueError(f"steps {step}..{step + n_steps - 1} must lie in [0, 2**32)")
         if not 1 <= groups <= KEY_LIMIT:
             raise ValueError(f"at most 2**34 draws per (chain, step, stream), asked for {4 * groups} or more")
         g = torch.arange(groups, dtype=torch.int64, device=self.device).unsqueeze(0)
         c = chain_ids.to(self.device, torch.int64).reshape(-1, 1)
-        t, s = (torch.full((), v, dtype=torch.int64, device=self.device) for v in (step, stream))
+        s = torch.full((), stream, dtype=torch.int64, device=self.device)
+        if n_steps == 1:
+            t = torch.full((), step, dtype=torch.int64, device=self.device)
+        else:
+            t = torch.arange(step, step + n_steps, dtype=torch.int64, device=self.device).reshape(-1, 1, 1)
         return self.philox.lanes((g, t, c, s))
 
     def normal(self, chain_ids: torch.Tensor, step: int, stream: int, shape: Sequence[int],
@@ -203,13 +211,24 @@ class ChainRNG:
         Draw 4g + 2p + k is the cos (k = 0) or sin (k = 1) of pair p of Philox call g; pair 0 is made
         of words (c0, c3), pair 1 of (c2, c1).
         """
+        return self.normal_steps(chain_ids, step, 1, stream, shape, dtype)[0]
+
+    def normal_steps(self, chain_ids: torch.Tensor, first_step: int, n_steps: int, stream: int,
+                     shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The draws of ``normal`` at steps first_step, ..., first_step + n_steps - 1 in one call,
+        stacked: (n_steps, N, *shape). Row t is bitwise ``normal(chain_ids, first_step + t, ...)``
+        (the same elementwise operations on the same words); one call amortizes the fixed cost of
+        the ~250 small tensor operations a draw takes.
+        """
         n = math.prod(shape)
-        radius, angle = self._lanes(chain_ids, step, stream, max(1, -(-n // 4)))
-        z_cos, z_sin = box_muller(radius, angle)                    # (pair, N, g) each
+        radius, angle = self._lanes(chain_ids, first_step, stream, max(1, -(-n // 4)), n_steps)
+        if n_steps == 1:
+            radius, angle = radius.unsqueeze(1), angle.unsqueeze(1)
+        z_cos, z_sin = box_muller(radius, angle)                    # (pair, steps, N, g) each
         out = torch.empty(*radius.shape[1:], 2, 2, dtype=dtype, device=self.device)
-        out[..., 0].copy_(z_cos.permute(1, 2, 0))                  # one pass: layout and rounding
-        out[..., 1].copy_(z_sin.permute(1, 2, 0))
-        return out.reshape(out.shape[0], -1)[:, :n].reshape(-1, *shape)
+        out[..., 0].copy_(z_cos.permute(1, 2, 3, 0))               # one pass: layout and rounding
+        out[..., 1].copy_(z_sin.permute(1, 2, 3, 0))
+        return out.reshape(n_steps, out.shape[1], -1)[:, :, :n].reshape(n_steps, -1, *shape)
 
     def uniform(self, chain_ids: torch.Tensor, step: int, stream: int, shape: Sequence[int],
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -169,6 +169,28 @@ def test_draws_do_not_depend_on_batch_threads_or_shape():
     assert torch.equal(g.normal(ids, 17, rng.STREAM_WALK, (3, 7), torch.float64).float(), full)
 
 
+def test_draws_of_several_steps_in_one_call_equal_the_per_step_draws():
+    """``normal_steps`` (what the engine uses to draw ahead) is bitwise ``normal`` step by step,
+    including the last steps below 2^32, and the engine's walk noise is exactly those draws."""
+    g = rng.ChainRNG(0x243F6A8885A308D3)
+    ids = torch.tensor([7, 0, 4096, M32])
+    for first, count, shape in ((1, 5, (2, 3)), (M32 - 2, 3, (1,)), (40, 1, (9,))):
+        block = g.normal_steps(ids, first, count, rng.STREAM_WALK, shape)
+        assert block.shape == (count, len(ids), *shape)
+        for t in range(count):
+            assert torch.equal(block[t], g.normal(ids, first + t, rng.STREAM_WALK, shape))
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        g.normal_steps(ids, M32, 2, rng.STREAM_WALK, (1,))
+    oracle = GaussianOracle([0.0, 1.0], [[1.0, 0.0], [0.0, 1.0]], GaussianMNM(1.0, 4)).float()
+    eng = WalkJumpEngine(oracle, SamplerConfig(block_size=8), (2,), 5, [0, 3])
+    assert 1 < eng._noise_steps <= 16           # several steps per call at this size
+    for t in range(1, 40):                      # crosses several draw-ahead windows
+        xi = eng.rng.normal(eng.chain_ids, t, rng.STREAM_WALK, (1, 2)).squeeze(1) / math.sqrt(4)
+        assert torch.equal(eng._noise(t), xi), t
+    back = eng.rng.normal(eng.chain_ids, 3, rng.STREAM_WALK, (1, 2)).squeeze(1) / math.sqrt(4)
+    assert torch.equal(eng._noise(3), back)     # going back (a restore) draws again
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import numpy as np
 import ray
 import torch
 
-from mmgm_ray import faults
+from mmgm_ray import fastpath, faults
 from mmgm_ray.config import RunConfig, from_dict
 from mmgm_ray.data import load_dataset
 from mmgm_ray.engine import WalkJumpEngine
@@ -290,7 +290,9 @@ class ChainActor:
             across processes.
 
     The constructor restores from the blocks' latest checkpoints, so Ray's ``max_restarts`` (which
-    reruns ``__init__``) resumes exactly where the blocks were last committed.
+    reruns ``__init__``) resumes exactly where the blocks were last committed, with the fast-path
+    options recorded there (``mmgm_ray.fastpath``: they decide the round-off); a fresh start
+    resolves them (``sampler.fast``, a short measurement) and records them with the first checkpoint.
     """
 
     def __init__(self, cfg: RunConfig | dict, store_root: str, run_id: str, block_ids: Sequence[int],
@@ -305,12 +307,14 @@ class ChainActor:
             torch.set_num_threads(max(1, int(pool.cpus_per_actor)))
         self.device = resolve_device(pool.device, pool.gpus_per_actor)
         model, event_shape, self.model_hash = load_sampling_model(self.cfg, self.device)
-        self.engine = WalkJumpEngine(model, self.cfg.sampler, event_shape, self.cfg.seed, self.block_ids,
-                                     self.device, num_chains=pool.num_chains)
         self.sink = NullSink() if faults.skip_store() else BlockSink(
             SampleStore(store_root, run_id, event_shape=event_shape, config=self.cfg.store,
                         storage_options=storage_options, check_writable=False), self.block_ids)
-        self.start_step = self._restore()
+        step, states = self.sink.resume()
+        self.engine = WalkJumpEngine(model, self.cfg.sampler, event_shape, self.cfg.seed, self.block_ids,
+                                     self.device, fast=self._fast_options(model, event_shape, step, states),
+                                     num_chains=pool.num_chains)
+        self.start_step = self._restore(step, states)
         self.restarted = _was_reconstructed()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one advance() at a time even with max_concurrency > 1
@@ -320,9 +324,16 @@ class ChainActor:
         self.writer = _WriterThread(self.sink, pool.queue_size)
         self.writer.start()
 
-    def _restore(self) -> int:
-        """Bring engine and sink to the oldest step every block has committed; return it."""
-        step, states = self.sink.resume()
+    def _fast_options(self, model, event_shape, step: int, states: Optional[list[dict]]) -> fastpath.FastOptions:
+        """The options the blocks were computed with (a resume), else resolved for this device."""
+        if states:
+            return fastpath.FastOptions.from_dict(states[0].get("fast", fastpath.OFF.as_dict()))
+        sampler, n = self.cfg.sampler, len(self.block_ids) * self.cfg.sampler.block_size
+        shape = fastpath.chain_shape(model, sampler.walk, event_shape)
+        return fastpath.resolve_options(sampler, model, self.device, shape, n, n * (self.num_steps - step))
+
+    def _restore(self, step: int, states: Optional[list[dict]]) -> int:
+        """Bring the engine to the oldest step every block has committed (``sink.resume()``); return it."""
         if states is None:
             data = load_dataset(self.cfg.data).x if self.cfg.sampler.init == "data" else None
             self.engine.initialize(data)
@@ -415,7 +426,7 @@ class ChainActor:
                 "chains": e.n_chains, "chain_steps": e.n_chains * (e.step - start),
                 "chain_steps_total": e.n_chains * (e.step - self.start_step),
                 "done": e.step >= self.num_steps, "stopped": self._stop.is_set(),
-                "restarted": self.restarted, "restored_step": self.start_step,
+                "restarted": self.restarted, "restored_step": self.start_step, "fast": e.fast.as_dict(),
                 "blocks": self.sink.committed(), "divergence_events": divs,
                 "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s, "cpu_s": self.cpu_s}
 

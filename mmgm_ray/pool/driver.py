@@ -231,6 +231,7 @@ class PoolDriver:
         self.results: list[dict] = []
         self.pending: dict[Any, int] = {}         # in-flight advance() -> actor index
         self.entries: dict[int, dict] = {}        # block -> committed manifest entry
+        self.fast: dict[int, dict] = {}           # actor index -> fast-path options in effect (mmgm_ray.fastpath)
         self.divergences = {(d["chain_id"], d["step"]): d for d in run.divergence_events}
         self.chunks_done = self.replacements = self.restarts_seen = 0
         self.stopping, self.stop_deadline = False, float("inf")
@@ -252,6 +253,7 @@ class PoolDriver:
         # an actor Ray restarted reports it; count each restarted process once
         self.restarts_seen = len({r["pid"] for r in self.results if r["restarted"]})
         self.steps[i] = res["step"]
+        self.fast[i] = res["fast"]
         self._fold(res["blocks"], res["divergence_events"])
         if not res["done"] and not self.stopping:
             self._advance(i)
@@ -373,8 +375,10 @@ class PoolDriver:
         self.snapshot = self._snapshot()
         self.progress.show(self.snapshot, final=True)
         sync_manifest_from_checkpoints(self.run.store, [b for g in self.layout for b in g])
+        # the options decide the round-off: recorded per actor (layout order; None if it never reported)
         return update_manifest(self.run.store, status=status, pool_progress=self.snapshot,
-                               divergence_events=self._divergence_list(), error=error)
+                               divergence_events=self._divergence_list(), error=error,
+                               fast_path=[self.fast.get(i) for i in range(len(self.layout))])
 
     def summary(self, status: str, man: dict, hard_interrupt: bool) -> dict:
         last = self._last_results()

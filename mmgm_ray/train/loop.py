@@ -34,7 +34,7 @@ import fsspec
 import numpy as np
 import torch
 
-from mmgm_ray import faults
+from mmgm_ray import fastpath, faults
 from mmgm_ray.config import RunConfig, SamplerConfig, dump_config, from_dict, to_dict
 from mmgm_ray.data import ImageDataset, channel_stats, load_dataset, make_loader
 from mmgm_ray.engine import WalkJumpEngine
@@ -238,7 +238,9 @@ def preview_samples(model, cfg: RunConfig, event_shape: tuple, n_chains: int, n_
                     device: torch.device, data: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Final jump of each of ``n_chains`` walk-jump chains after ``n_steps`` walk steps (or None).
 
-    Uses the run's sampler config with one block of ``n_chains`` chains, seeded by the run seed.
+    Uses the run's sampler config with one block of ``n_chains`` chains, seeded by the run seed,
+    and its fast path (``sampler.fast``; ``mmgm_ray.fastpath``: bf16 where native, compiled only
+    when the walk is long enough to pay the compilation back).
     """
     if n_chains < 1 or n_steps < 1:
         return None
@@ -248,7 +250,9 @@ def preview_samples(model, cfg: RunConfig, event_shape: tuple, n_chains: int, n_
     was_training = model.training
     model.eval()
     try:
-        eng = WalkJumpEngine(model, scfg, event_shape, cfg.seed, [0], device)
+        shape = fastpath.chain_shape(model, scfg.walk, event_shape)
+        fast = fastpath.resolve_options(scfg, model, device, shape, n_chains, n_chains * steps)
+        eng = WalkJumpEngine(model, scfg, event_shape, cfg.seed, [0], device, fast=fast)
         eng.initialize(data if scfg.init == "data" else None)
         jb = eng.run_collect(steps)
     finally:
