@@ -7,6 +7,8 @@ every hook is a no-op costing one dict lookup. Fields:
 
 - ``train_crash``: ``{"step": int, "rank": int, "marker": path}``: the training process of that rank
   exits hard (``os._exit(1)``) right after that step, once: the marker file records that it did.
+- ``train_step_sleep``: seconds the training loop sleeps after every step, so that a test's node
+  removal lands between checkpoints.
 - ``actor_step_sleep``: seconds a chain actor sleeps after every walk step, so that a test's kill
   lands in the middle of a chunk.
 - ``actor_skip_store``: chain actors run their chains without writing anything (the pool benchmark's
@@ -20,7 +22,7 @@ import time
 from typing import Optional
 
 ENV = "MMGM_FAULTS"
-_KNOWN = {"train_crash", "actor_step_sleep", "actor_skip_store"}
+_KNOWN = {"train_crash", "train_step_sleep", "actor_step_sleep", "actor_skip_store"}
 
 
 def plan() -> dict:
@@ -47,8 +49,11 @@ def install(p: Optional[dict]) -> None:
 
 
 def after_train_step(step: int, rank: int) -> None:
-    """Training loop hook: crash once at the planned (step, rank)."""
-    crash = plan().get("train_crash")
+    """Training loop hook: the planned sleep; crash once at the planned (step, rank)."""
+    p = plan()
+    if p.get("train_step_sleep"):
+        time.sleep(float(p["train_step_sleep"]))
+    crash = p.get("train_crash")
     if crash and step == crash["step"] and rank == crash.get("rank", 0) and not os.path.exists(crash["marker"]):
         with open(crash["marker"], "w") as f:
             f.write(str(step))
