@@ -468,6 +468,32 @@ class RunConfig:
         return f"{str(self.output).rstrip('/')}/{self.name}"
 
 
+@dataclass
+class CompareConfig:
+    """``mmgm compare``: one base run, trained and sampled once per parametrization at the same budget."""
+    name: str = "compare"                # the table goes to {output}/{name}/; variants run as {name}-{variant}
+    output: str = "runs"
+    base: str = "digits"                 # shipped config name or YAML path every variant starts from
+    set: list[str] = field(default_factory=list)   # overrides for every variant (the shared budget)
+    variants: dict[str, list[str]] = field(default_factory=dict)  # variant name -> its own overrides
+    denoise_examples: int = 500          # held-out examples for the denoising MSE
+
+    def validate(self) -> None:
+        check.run_name("name", self.name)
+        if not self.variants:
+            raise ValueError("variants: list at least one parametrization, e.g. {universal: [model.kind=universal]}")
+        for v, sets in self.variants.items():
+            check.run_name(f"variants.{v}", f"{self.name}-{v}")
+            if not isinstance(sets, list) or not all(isinstance(x, str) for x in sets):
+                raise ValueError(f"variants.{v} must be a list of key=value overrides, got {sets!r}")
+        check.at_least("denoise_examples", self.denoise_examples, 1)
+
+    def variant_config(self, variant: str) -> "RunConfig":
+        """The resolved run config of one variant (base, then the shared set, then its own set)."""
+        return load_config(self.base, [*self.set, *self.variants[variant], f"name={self.name}-{variant}",
+                                       f"output={self.output}"])
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 cls: type[T] = RunConfig) -> T:
     """Load a YAML config (or defaults when ``path`` is None), apply overrides, check and validate."""
