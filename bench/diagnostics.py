@@ -1,16 +1,25 @@
-"""Benchmark: mmgm_ray.diagnostics R-hat / ESS against arviz-stats (and legacy arviz) on the same data.
+"""Benchmark: mmgm_ray.diagnostics R-hat / ESS against arviz-stats on the same data, same process.
 
-    /work/venv/bin/python bench/diagnostics.py [--chains 10000] [--draws 1000] [--rho 0.9] [--repeats 1]
+    .venv/bin/python bench/diagnostics.py [--chains 10000] [--draws 1000] [--small 8x1000]
+                                          [--repeats 3] [--workers N]
 
-Data: stationary AR(1) chains (rho = 0.9, tau = 19) of one scalar, shape (chains, draws).
-Ours and arviz-stats alternate within each repeat (best of --repeats counts). Prints one line per measurement and, last, one JSON object with the times, ratios (theirs / ours,
->1 means we are faster) and the largest relative disagreement.
+Data: stationary AR(1) chains (rho = 0.9, tau = 19) of one scalar, shape (chains, draws), at the
+large size and at a small one (Stan-like 8 x 1000). For each figure (bulk ESS, tail ESS, rank
+R-hat) ours and arviz-stats' ``array_stats`` alternate within each repeat, so load from other
+processes hits both alike; ours runs with ``--workers`` threads (default: all CPUs this process may
+use) and, as a check on how much the threads bring, with one. The cache of normal scores is
+cleared before each of our calls (each call pays as a first call would). Reported per figure: the
+best time of each side, the median over repeats of the per-repeat ratio theirs / ours (>1: we are
+faster) and the largest relative disagreement of the values. ``summarize`` (every figure of one
+scalar with one sort) is timed against the sum of arviz-stats' separate calls for the same
+figures. The last line printed is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 import warnings
@@ -27,77 +36,97 @@ def ar1(chains: int, draws: int, rho: float, seed: int) -> np.ndarray:
     return x
 
 
-def timed(fn, repeats: int):
-    best, val = np.inf, None
-    for _ in range(repeats):
+def _timed(fn, number: int, before=None) -> tuple[float, float]:
+    """(seconds per call, value) over ``number`` calls; ``before`` runs untimed before each."""
+    total, val = 0.0, None
+    for _ in range(number):
+        if before is not None:
+            before()
         t = time.perf_counter()
         val = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, float(val)
+        total += time.perf_counter() - t
+    return total / number, float(val)
+
+
+def _figures(x, mcmc):
+    from arviz_stats.base import array_stats as A
+    kw = dict(chain_axis=0, draw_axis=1)
+    ours = {
+        "ess_bulk": lambda w: mcmc.ess(x, "bulk", workers=w),
+        "ess_tail": lambda w: mcmc.ess(x, "tail", workers=w),
+        "rhat_rank": lambda w: mcmc.rhat(x, "rank", workers=w),
+        "summarize": lambda w: mcmc.summarize(x, workers=w)["rhat"],
+    }
+    theirs = {
+        "ess_bulk": lambda: A.ess(x, method="bulk", **kw),
+        "ess_tail": lambda: A.ess(x, method="tail", prob=(0.05, 0.95), **kw),
+        "rhat_rank": lambda: A.rhat(x, method="rank", **kw),
+        # summarize's other figures; arviz-stats' time for summarize adds the three above
+        "summarize": lambda: [A.ess(x, method="mean", **kw), A.mcse(x, method="mean", **kw),
+                              A.rhat(x, method="split", **kw), A.ess(x, method="identity", **kw)][0],
+    }
+    return ours, theirs
+
+
+def bench_size(x, mcmc, repeats: int, workers: int) -> dict:
+    ours, theirs = _figures(x, mcmc)
+    clear = mcmc._Z_CACHE.clear  # each of our calls pays for its normal scores, as a first call
+    # calls per timing: about 0.1 s each at small sizes, one call at large ones
+    number = max(1, min(200, int(0.1 / max(_timed(lambda: ours["summarize"](1), 1)[0], 1e-4))))
+    times = {name: {"ours": [], "ours_1thread": [], "arviz_stats": []} for name in ours}
+    values = {name: {} for name in ours}
+    for _ in range(repeats):
+        for name in ours:
+            t = times[name]
+            a, values[name]["ours"] = _timed(lambda: ours[name](workers), number, clear)
+            b, values[name]["ours_1thread"] = _timed(lambda: ours[name](1), number, clear)
+            c, values[name]["arviz_stats"] = _timed(theirs[name], number)
+            if name == "summarize":  # arviz-stats' separate calls for the same figures
+                c += sum(times[k]["arviz_stats"][-1] for k in ("ess_bulk", "ess_tail", "rhat_rank"))
+                values[name]["arviz_stats"] = values["rhat_rank"]["arviz_stats"]
+            t["ours"].append(a), t["ours_1thread"].append(b), t["arviz_stats"].append(c)
+    out = {"calls_per_timing": number}
+    for name, t in times.items():
+        v = values[name]
+        ratio = [c / a for a, c in zip(t["ours"], t["arviz_stats"])]
+        ratio1 = [c / b for b, c in zip(t["ours_1thread"], t["arviz_stats"])]
+        rel = max(abs(v["ours"] - v["arviz_stats"]), abs(v["ours_1thread"] - v["arviz_stats"])) / abs(v["arviz_stats"])
+        out[name] = {"ours_s": round(min(t["ours"]), 5), "ours_1thread_s": round(min(t["ours_1thread"]), 5),
+                     "arviz_stats_s": round(min(t["arviz_stats"]), 5),
+                     "ratio_median": round(float(np.median(ratio)), 2),
+                     "ratio_1thread_median": round(float(np.median(ratio1)), 2),
+                     "ratios": [round(r, 2) for r in ratio], "max_rel_diff": rel, "value": v["ours"]}
+        print(f"  {name:10s} ours {min(t['ours']):8.4f} s ({workers} thr) {min(t['ours_1thread']):8.4f} s (1 thr)"
+              f" | arviz-stats {min(t['arviz_stats']):8.4f} s | x{np.median(ratio):.2f} (1 thr x{np.median(ratio1):.2f})"
+              f" | rel diff {rel:.1e}", flush=True)
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chains", type=int, default=10_000)
     p.add_argument("--draws", type=int, default=1_000)
+    p.add_argument("--small", default="8x1000", help="second size, CHAINSxDRAWS ('' to skip)")
     p.add_argument("--rho", type=float, default=0.9)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=None, help="our threads (default: all CPUs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--legacy", action="store_true", help="also time legacy arviz (az.ess / az.rhat)")
     a = p.parse_args(argv)
     warnings.filterwarnings("ignore")
+    import arviz_stats
     from mmgm_ray.diagnostics import mcmc
-    x = ar1(a.chains, a.draws, a.rho, a.seed)
-    res = {"chains": a.chains, "draws": a.draws, "rho": a.rho, "cpus": os.cpu_count(),
-           "numpy": np.__version__, "ours": {}, "arviz_stats": {}, "ratio": {}, "max_rel_diff": {}}
-    ours = {
-        "ess_bulk": lambda: mcmc.ess(x, "bulk"),
-        "ess_tail": lambda: mcmc.ess(x, "tail"),
-        "rhat_rank": lambda: mcmc.rhat(x, "rank"),
-    }
-    try:
-        import arviz_stats
-        from arviz_stats.base import array_stats as A
-        res["arviz_stats_version"] = arviz_stats.__version__
-        theirs = {
-            "ess_bulk": lambda: A.ess(x, chain_axis=0, draw_axis=1, method="bulk"),
-            "ess_tail": lambda: A.ess(x, chain_axis=0, draw_axis=1, method="tail", prob=(0.05, 0.95)),
-            "rhat_rank": lambda: A.rhat(x, chain_axis=0, draw_axis=1, method="rank"),
-        }
-    except ImportError:
-        theirs = {}
-        print("arviz-stats not installed: pip install arviz-stats==0.8.0", file=sys.stderr)
-    for name, fn in ours.items():
-        # ours and theirs alternate within each repeat and the best time counts: on a shared
-        # machine, load from other processes then hits both sides alike
-        t, t2, v, v2 = np.inf, np.inf, None, None
-        for _ in range(a.repeats):
-            ti, v = timed(fn, 1)
-            t = min(t, ti)
-            if name in theirs:
-                ti, v2 = timed(theirs[name], 1)
-                t2 = min(t2, ti)
-        res["ours"][name] = {"s": round(t, 3), "value": v}
-        line = f"{name:10s} ours {t:7.3f} s  value {v:.6g}"
-        if name in theirs:
-            res["arviz_stats"][name] = {"s": round(t2, 3), "value": v2}
-            res["ratio"][name] = round(t2 / t, 2)
-            res["max_rel_diff"][name] = abs(v - v2) / abs(v2)
-            line += f" | arviz-stats {t2:7.3f} s value {v2:.6g} | speed-up x{t2 / t:.2f}"
-        print(line, flush=True)
-    t, s = time.perf_counter(), mcmc.summarize(x)
-    res["ours"]["summarize_all"] = {"s": round(time.perf_counter() - t, 3)}
-    print(f"summarize (rhat+bulk/tail/mean ESS+tau, shared sort) {res['ours']['summarize_all']['s']:.3f} s; "
-          f"rhat {s['rhat']:.4f}, R-hat^2-1 {s['rhat']**2 - 1:.4f} vs 2C/ESS_bulk "
-          f"{2 * a.chains / s['ess_bulk']:.4f}", flush=True)
-    if a.legacy:
-        import arviz as az
-        res["arviz_legacy"] = {}
-        for name, fn in {"ess_bulk": lambda: az.ess(x, method="bulk"),
-                         "rhat_rank": lambda: az.rhat(x, method="rank")}.items():
-            t2, v2 = timed(fn, a.repeats)
-            res["arviz_legacy"][name] = {"s": round(t2, 3), "value": v2}
-            print(f"{name:10s} legacy arviz {t2:7.3f} s value {v2:.6g}", flush=True)
+    workers = a.workers or mcmc.default_workers()
+    sizes = [(a.chains, a.draws)]
+    if a.small:
+        c, n = (int(v) for v in a.small.lower().split("x"))
+        sizes.insert(0, (c, n))
+    res = {"rho": a.rho, "repeats": a.repeats, "workers": workers, "cpus": os.cpu_count(),
+           "load_avg": os.getloadavg(), "numpy": np.__version__, "python": platform.python_version(),
+           "arviz_stats": arviz_stats.__version__, "sizes": {}}
+    for c, n in sizes:
+        print(f"{c} chains x {n} draws (load average {os.getloadavg()[0]:.1f})", flush=True)
+        res["sizes"][f"{c}x{n}"] = bench_size(ar1(c, n, a.rho, a.seed), mcmc, a.repeats, workers)
+    res["load_avg_end"] = os.getloadavg()
     print(json.dumps(res))
     return 0
 
