@@ -72,6 +72,10 @@ def test_ess_and_rhat_match_arviz(arviz_array_stats, case, seed):
         extra = {"prob": (0.05, 0.95)} if method == "tail" else {}
         assert D.ess(x, method) == pytest.approx(A.ess(x, method=method, **kw, **extra), rel=REL), method
     assert D.ess(x, "basic") == pytest.approx(A.ess(x, method="identity", **kw), rel=REL)
+    for method in ("bulk", "tail"):  # relative ESS = 1 / tau, also with split odd-length chains
+        extra = {"prob": (0.05, 0.95)} if method == "tail" else {}
+        assert D.ess(x, method, relative=True) == pytest.approx(
+            A.ess(x, method=method, relative=True, **kw, **extra), rel=REL), method
     for method in ("rank", "split", "folded", "z_scale"):
         assert D.rhat(x, method) == pytest.approx(A.rhat(x, method=method, **kw), rel=REL), method
     s = D.summarize(x)
@@ -461,6 +465,7 @@ def test_results_do_not_depend_on_threads(monkeypatch):
     rng = np.random.default_rng(12)
     x = ar1(rng, 301, 999, 0.9)
     ref = D.summarize(x, workers=1)
+    assert all(type(v) is float for v in ref.values())  # one scalar: plain floats
     for w in (2, 3, 5):
         assert D.summarize(x, workers=w) == ref, w  # bitwise: reductions run in a fixed order
     np.testing.assert_array_equal(D.rank_normalize(x, workers=4), D.rank_normalize(x, workers=1))

@@ -64,6 +64,8 @@ _THREAD_PREFIX = "mmgm-mcmc"
 _LOCAL = threading.local()
 _POOL: list = [None, 0]  # [executor, its size]; threads persist so their work arrays do too
 _POOL_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's threads: start afresh
+    os.register_at_fork(after_in_child=lambda: _POOL.__setitem__(slice(None), [None, 0]))
 
 
 def default_workers() -> int:
@@ -88,7 +90,7 @@ def _workers(workers: int | None, size: int) -> int:
 def _work(name: str, shape, dtype=np.float64) -> np.ndarray:
     """This thread's work array ``name``, kept between pieces and calls: on a shared machine the
     page faults of fresh memory cost more than the arithmetic done in it."""
-    size = int(np.prod(shape))
+    size = math.prod(shape) if isinstance(shape, tuple) else shape
     buf = getattr(_LOCAL, name, None)
     if buf is None or buf.size < size or buf.dtype != dtype:
         buf = np.empty(max(size, _CHUNK), dtype=dtype)
@@ -252,15 +254,15 @@ def _sort_keys(key: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray | 
     return out, key
 
 
-def _merge_runs(key: np.ndarray, mid: int, workers: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sort distinct keys made of two ascending runs key[:mid], key[mid:] (as :func:`_sort_keys`):
-    a stable sort (timsort) merges them in linear time; threads take value ranges cut at common
-    pivots."""
-    if workers <= 1 or min(mid, key.size - mid) == 0:
-        key.sort(kind="stable")
-        return key, None
+def _merge_runs(key: np.ndarray, mid: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sort distinct keys made of two ascending runs key[:mid], key[mid:]: (sorted keys, the input
+    buffer, now free). Both runs are cut at common pivots into cache-sized parts, each merged by a
+    stable sort (timsort: linear time on two runs) in its final place; the parts go to threads.
+    Small parts keep timsort's merge buffer small too (a fresh half-size buffer per call would cost
+    page faults)."""
     a, b = key[:mid], key[mid:]
-    pivots = a[(np.arange(1, workers) * a.size) // workers]
+    parts = max(1, key.size // _CHUNK)
+    pivots = a[(np.arange(1, parts) * a.size) // parts] if a.size else a[:0]
     ia = np.concatenate(([0], np.searchsorted(a, pivots), [a.size]))
     ib = np.concatenate(([0], np.searchsorted(b, pivots), [b.size]))
     out = np.empty_like(key)
@@ -270,7 +272,7 @@ def _merge_runs(key: np.ndarray, mid: int, workers: int) -> tuple[np.ndarray, np
         np.concatenate((a[ia[j]:ia[j + 1]], b[ib[j]:ib[j + 1]]), out=dst)
         dst.sort(kind="stable")
 
-    _parallel(merge, range(workers), workers)
+    _parallel(merge, range(parts), workers)
     return out, key
 
 
@@ -435,7 +437,7 @@ class _Ranked:
             _chunked(n, w, encode)
             key, spare = _merge_runs(key, i, w)
             forder, fties = _resolve(key, bits, dist_at, w)
-            free = self._buffer(None) if spare is None else spare.view(np.float64)
+            free = spare.view(np.float64)
         zf = _scores_sorted(n, n, fties, w)
 
         def put(lo, hi):  # distance position j came from sorted position i-1-j (j < i) or j
@@ -597,10 +599,10 @@ def _tail_probs(prob) -> tuple[float, float]:
     return tuple(sorted((prob, 1 - prob))) if np.isscalar(prob) else tuple(prob)
 
 
-def _indicator_ess(y: np.ndarray, q: float, buf: np.ndarray, workers: int) -> float:
+def _indicator_ess(y: np.ndarray, q: float, buf: np.ndarray, relative: bool, workers: int) -> float:
     """ESS of I(x <= q) over split chains (Vehtari et al. 2021, sec. 4.3); ``buf`` like y."""
     np.less_equal(y, q, out=buf)
-    return _ess_chains(_split_rows(buf), workers=workers)
+    return _ess_chains(_split_rows(buf), relative, workers)
 
 
 _ESS_METHODS = ("bulk", "tail", "mean", "basic", "quantile")
@@ -617,8 +619,7 @@ def _ess_one(y: np.ndarray, method: str, probs, relative: bool, workers: int) ->
         return _ess_chains(_bulk_z(_split_rows(y), workers)[1], relative, workers)
     qs = np.quantile(y, probs)  # quantiles of all draws (before splitting), as arviz-stats
     buf = np.empty_like(y)
-    vals = [_indicator_ess(y, q, buf, workers) for q in qs]
-    return min(vals) / (y.size if relative else 1)
+    return min(_indicator_ess(y, q, buf, relative, workers) for q in qs)
 
 
 def ess(x, method: str = "bulk", prob: float | tuple[float, float] | None = None,
