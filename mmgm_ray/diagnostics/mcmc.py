@@ -8,12 +8,14 @@ R-hat needs 2 chains and ESS / R-hat 4 draws, else NaN.
 
 Cost. Rank normalization is one sort of the pooled draws per scalar, done on 64-bit keys that pack
 each value's order-preserving bit pattern with its position (one plain sort instead of an argsort),
-reused for the bulk z-scores, the median, the quantiles of the tail ESS and the folded (tail)
-z-scores, whose order is a linear-time merge of two runs of the sorted draws. Sorting, scattering
-and the chain-batched FFT autocovariance run in ``workers`` threads (numpy and scipy release the
-GIL); every reduction is cut into pieces of fixed size and combined in a fixed order, so results
-do not depend on the thread count. :func:`summarize` gives every figure of one scalar with one
-sort: the unit of work of a distributed reduction over functionals.
+reused for the bulk z-scores, the median, the tail-ESS indicators and the folded (tail) z-scores,
+whose order is a linear-time merge of two runs of the sorted draws. The z-scores are bitwise
+arviz-stats' (``rankdata`` average ranks, then ``ndtri``). Sorting, scattering and the
+chain-batched FFT autocovariance run in ``workers`` threads (numpy and scipy release the GIL);
+every reduction is cut into pieces of fixed size and combined in a fixed order, so results do not
+depend on the thread count. Element-wise work goes in cache-sized pieces whose temporaries live
+in per-thread work arrays: fresh draw-sized temporaries cost page faults. :func:`summarize` gives
+every figure of one scalar with one sort: the unit of work of a distributed reduction.
 
 References
 ----------
