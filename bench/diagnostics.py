@@ -6,11 +6,12 @@
 Data: stationary AR(1) chains (rho = 0.9, tau = 19) of one scalar, shape (chains, draws), at the
 large size and at a small one (Stan-like 8 x 1000). For each figure (bulk ESS, tail ESS, rank
 R-hat) ours and arviz-stats' ``array_stats`` alternate within each repeat, so load from other
-processes hits both alike; ours runs with ``--workers`` threads (default: all CPUs this process may
-use) and, as a check on how much the threads bring, with one. The cache of normal scores is
-cleared before each of our calls (each call pays as a first call would). Reported per figure: the
-best time of each side, the median over repeats of the per-repeat ratio theirs / ours (>1: we are
-faster) and the largest relative disagreement of the values. ``summarize`` (every figure of one
+processes hits both alike. Ours runs with ``--workers`` threads (default: all CPUs this process may
+use) "cold" (``clear_caches()`` first: the call pays for fresh buffers and normal scores, as a
+first call does), "warm" (as every later call on draws of the same size: every scalar of a run
+after the first) and cold on one thread. Reported per figure: the best time of each, the median
+over repeats of the per-repeat ratio theirs / ours (>1: we are faster) and the largest relative
+disagreement of the values. ``summarize`` (every figure of one
 scalar with one sort) is timed against the sum of arviz-stats' separate calls for the same
 figures. The last line printed is one JSON object.
 """
@@ -69,35 +70,41 @@ def _figures(x, mcmc):
 
 
 def bench_size(x, mcmc, repeats: int, workers: int) -> dict:
+    """Per figure and repeat, in turn: ours cold (caches cleared: a first call), ours warm (the
+    buffers and normal scores of the call before kept, as for every scalar after the first), ours
+    cold on one thread, arviz-stats."""
     ours, theirs = _figures(x, mcmc)
-    clear = mcmc._Z_CACHE.clear  # each of our calls pays for its normal scores, as a first call
     # calls per timing: about 0.1 s each at small sizes, one call at large ones
     number = max(1, min(200, int(0.1 / max(_timed(lambda: ours["summarize"](1), 1)[0], 1e-4))))
-    times = {name: {"ours": [], "ours_1thread": [], "arviz_stats": []} for name in ours}
+    cols = ("ours_cold", "ours_warm", "ours_cold_1thread", "arviz_stats")
+    times = {name: {col: [] for col in cols} for name in ours}
     values = {name: {} for name in ours}
     for _ in range(repeats):
         for name in ours:
-            t = times[name]
-            a, values[name]["ours"] = _timed(lambda: ours[name](workers), number, clear)
-            b, values[name]["ours_1thread"] = _timed(lambda: ours[name](1), number, clear)
-            c, values[name]["arviz_stats"] = _timed(theirs[name], number)
+            t, v = times[name], values[name]
+            runs = {"ours_cold": (lambda: ours[name](workers), mcmc.clear_caches),
+                    "ours_warm": (lambda: ours[name](workers), None),
+                    "ours_cold_1thread": (lambda: ours[name](1), mcmc.clear_caches),
+                    "arviz_stats": (theirs[name], None)}
+            for col, (fn, before) in runs.items():
+                sec, v[col] = _timed(fn, number, before)
+                t[col].append(sec)
             if name == "summarize":  # arviz-stats' separate calls for the same figures
-                c += sum(times[k]["arviz_stats"][-1] for k in ("ess_bulk", "ess_tail", "rhat_rank"))
-                values[name]["arviz_stats"] = values["rhat_rank"]["arviz_stats"]
-            t["ours"].append(a), t["ours_1thread"].append(b), t["arviz_stats"].append(c)
+                t["arviz_stats"][-1] += sum(times[k]["arviz_stats"][-1] for k in ("ess_bulk", "ess_tail", "rhat_rank"))
+                v["arviz_stats"] = values["rhat_rank"]["arviz_stats"]
     out = {"calls_per_timing": number}
     for name, t in times.items():
         v = values[name]
-        ratio = [c / a for a, c in zip(t["ours"], t["arviz_stats"])]
-        ratio1 = [c / b for b, c in zip(t["ours_1thread"], t["arviz_stats"])]
-        rel = max(abs(v["ours"] - v["arviz_stats"]), abs(v["ours_1thread"] - v["arviz_stats"])) / abs(v["arviz_stats"])
-        out[name] = {"ours_s": round(min(t["ours"]), 5), "ours_1thread_s": round(min(t["ours_1thread"]), 5),
-                     "arviz_stats_s": round(min(t["arviz_stats"]), 5),
-                     "ratio_median": round(float(np.median(ratio)), 2),
-                     "ratio_1thread_median": round(float(np.median(ratio1)), 2),
-                     "ratios": [round(r, 2) for r in ratio], "max_rel_diff": rel, "value": v["ours"]}
-        print(f"  {name:10s} ours {min(t['ours']):8.4f} s ({workers} thr) {min(t['ours_1thread']):8.4f} s (1 thr)"
-              f" | arviz-stats {min(t['arviz_stats']):8.4f} s | x{np.median(ratio):.2f} (1 thr x{np.median(ratio1):.2f})"
+        ratios = {col: [c / a for a, c in zip(t[col], t["arviz_stats"])] for col in cols[:3]}
+        rel = max(abs(v[col] - v["arviz_stats"]) for col in cols[:3]) / abs(v["arviz_stats"])
+        out[name] = {**{f"{col}_s": round(min(t[col]), 5) for col in cols},
+                     **{f"ratio_{col[5:]}_median": round(float(np.median(r)), 2) for col, r in ratios.items()},
+                     "ratios_cold": [round(r, 2) for r in ratios["ours_cold"]],
+                     "max_rel_diff": rel, "value": v["ours_cold"]}
+        med = {col: np.median(r) for col, r in ratios.items()}
+        print(f"  {name:10s} ours cold {min(t['ours_cold']):8.4f} s  warm {min(t['ours_warm']):8.4f} s  "
+              f"1 thread {min(t['ours_cold_1thread']):8.4f} s | arviz-stats {min(t['arviz_stats']):8.4f} s | "
+              f"x{med['ours_cold']:.2f} cold, x{med['ours_warm']:.2f} warm, x{med['ours_cold_1thread']:.2f} 1 thread"
               f" | rel diff {rel:.1e}", flush=True)
     return out
 

@@ -47,7 +47,7 @@ from scipy.special import ndtri
 
 __all__ = [
     "split_chains", "rank_normalize", "autocov", "autocorr", "ess", "rhat", "nested_rhat",
-    "integrated_autocorr_time", "batch_means_ess", "summarize", "default_workers",
+    "integrated_autocorr_time", "batch_means_ess", "summarize", "default_workers", "clear_caches",
 ]
 
 _RESOLUTION = np.finfo(np.float64).resolution  # arviz-stats' "constant draws" threshold
@@ -122,6 +122,49 @@ def _chunked(n: int, workers: int, fn: Callable[[int, int], object]) -> list:
     """[fn(lo, hi) for the cache-sized pieces of range(n)], in piece order; each thread takes a
     contiguous share. ``fn`` keeps its temporaries in :func:`_work` arrays."""
     return _parallel(lambda lo: fn(lo, min(lo + _CHUNK, n)), range(0, n, _CHUNK), workers)
+
+
+_SPARE: list[np.ndarray] = []  # draw-sized buffers kept between calls
+_SPARE_MAX = 3                 # what one call holds at once: order, z-scores, merged fold keys
+
+
+def _fresh(n: int) -> np.ndarray:
+    return np.empty(n, dtype=np.uint64)
+
+
+class _Buffers:
+    """Draw-sized uint64 buffers for one call, taken from a pool kept between calls and given back
+    on exit. The first touch of a fresh 80 MB array costs page faults in which the kernel zeroes
+    it, as much as the sort on a busy machine; with the pool, repeated calls on draws of one size
+    (every scalar of a run) touch no fresh memory. :func:`clear_caches` empties it."""
+
+    def __init__(self):
+        self._taken: list[np.ndarray] = []
+
+    def __enter__(self) -> "_Buffers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _POOL_LOCK:
+            _SPARE.extend(self._taken)
+            _SPARE.sort(key=len, reverse=True)
+            del _SPARE[_SPARE_MAX:]
+        self._taken = []
+
+    def take(self, n: int) -> np.ndarray:
+        with _POOL_LOCK:
+            fits = [i for i, b in enumerate(_SPARE) if b.size >= n]
+            buf = _SPARE.pop(min(fits, key=lambda i: _SPARE[i].size)) if fits else _fresh(n)
+        self._taken.append(buf)
+        return buf[:n]
+
+
+def clear_caches() -> None:
+    """Free the memory kept between calls: the pooled draw-sized buffers and the cached normal
+    scores (a long-lived worker done with diagnostics may call it)."""
+    with _POOL_LOCK:
+        _SPARE.clear()
+        _Z_CACHE.clear()
 
 
 # ---- shape handling -------------------------------------------------------------------------
@@ -214,7 +257,7 @@ def _encode(v: np.ndarray, key: np.ndarray, bits: int, lo: int) -> None:
     key |= np.add(_BASE_U[:key.size], np.uint64(lo), out=tmp)
 
 
-def _sort_keys(key: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _sort_keys(key: np.ndarray, workers: int, take: Callable = _fresh) -> tuple[np.ndarray, np.ndarray | None]:
     """Sort distinct keys with numpy's vectorized quicksort: (sorted keys, a free buffer or None).
 
     With threads, the value range is cut at pivots from a fixed sample; each bucket is copied to
@@ -243,7 +286,7 @@ def _sort_keys(key: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray | 
     table = np.array([counts[lo] for lo in los])                          # (piece, bucket)
     starts = np.concatenate(([0], np.cumsum(table.sum(axis=0))))
     slots = dict(zip(los, starts[:-1] + np.cumsum(table, axis=0) - table))  # piece's place per bucket
-    out = np.empty_like(key)
+    out = take(n)
 
     def place(lo, hi):
         b, f = bucket(lo, hi)
@@ -256,7 +299,7 @@ def _sort_keys(key: np.ndarray, workers: int) -> tuple[np.ndarray, np.ndarray | 
     return out, key
 
 
-def _merge_runs(key: np.ndarray, mid: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+def _merge_runs(key: np.ndarray, mid: int, workers: int, take: Callable = _fresh) -> tuple[np.ndarray, np.ndarray]:
     """Sort distinct keys made of two ascending runs key[:mid], key[mid:]: (sorted keys, the input
     buffer, now free). Both runs are cut at common pivots into cache-sized parts, each merged by a
     stable sort (timsort: linear time on two runs) in its final place; the parts go to threads.
@@ -267,7 +310,7 @@ def _merge_runs(key: np.ndarray, mid: int, workers: int) -> tuple[np.ndarray, np
     pivots = a[(np.arange(1, parts) * a.size) // parts] if a.size else a[:0]
     ia = np.concatenate(([0], np.searchsorted(a, pivots), [a.size]))
     ib = np.concatenate(([0], np.searchsorted(b, pivots), [b.size]))
-    out = np.empty_like(key)
+    out = take(key.size)
 
     def merge(j):
         dst = out[ia[j] + ib[j]:ia[j + 1] + ib[j + 1]]
@@ -313,17 +356,18 @@ def _resolve(key: np.ndarray, bits: int, value_at: Callable, workers: int) -> tu
     return order, None if ties is None else (pos[ties[0]], pos[ties[1]])
 
 
-def _argsort(v: np.ndarray, workers: int = 1) -> tuple[np.ndarray, tuple | None, np.ndarray | None]:
+def _argsort(v: np.ndarray, workers: int = 1, take: Callable = _fresh) -> tuple[np.ndarray, tuple | None, np.ndarray | None]:
     """Exact argsort of a NaN-free float64 vector, its runs of ties (see :func:`_resolve`) and a
-    free uint64 buffer of the same size when the sort left one (else None)."""
+    free uint64 buffer of the same size when the sort left one (else None). ``take(n)`` gives
+    the uint64 buffers."""
     bits = max(1, (v.size - 1).bit_length())
     if bits > _MAX_INDEX_BITS:
         order = np.argsort(v, kind="stable")
         s = v[order]
         return order, _runs(s[1:] == s[:-1]), None
-    key = np.empty(v.size, dtype=np.uint64)
+    key = take(v.size)
     _chunked(v.size, workers, lambda lo, hi: _encode(v[lo:hi], key[lo:hi], bits, lo))
-    key, spare = _sort_keys(key, workers)
+    key, spare = _sort_keys(key, workers, take)
     return (*_resolve(key, bits, v.__getitem__, workers), spare)
 
 
@@ -361,21 +405,20 @@ class _Ranked:
     """One scalar's pooled draws (NaN-free), sorted once; gives z-scores, folded z-scores and the
     median. Sorted values are read through the order where needed, never gathered whole."""
 
-    def __init__(self, flat: np.ndarray, workers: int = 1):
-        self.flat = flat
-        self.workers = workers
+    def __init__(self, flat: np.ndarray, workers: int = 1, take: Callable = _fresh):
+        self.flat, self.workers, self.take = flat, workers, take
         # the one O(N log N) step; everything else reuses it
-        self.order, self.ties, self._spare = _argsort(flat, workers)
+        self.order, self.ties, self._spare = _argsort(flat, workers, take)
 
     def _buffer(self, scratch: np.ndarray | None) -> np.ndarray:
         """A float64 buffer of the draws' size whose contents may go: ``scratch``, else the sort's
-        spare buffer, else a new one."""
+        spare buffer, else one from ``take``."""
         if scratch is not None:
             return scratch
         if self._spare is not None:
             buf, self._spare = self._spare.view(np.float64), None
             return buf
-        return np.empty(self.flat.size)
+        return self.take(self.flat.size).view(np.float64)
 
     def value_at(self, pos) -> np.ndarray:
         return self.flat[self.order[pos]]
@@ -437,7 +480,7 @@ class _Ranked:
         else:
             key = self._buffer(scratch).view(np.uint64)
             _chunked(n, w, encode)
-            key, spare = _merge_runs(key, i, w)
+            key, spare = _merge_runs(key, i, w, self.take)
             forder, fties = _resolve(key, bits, dist_at, w)
             free = spare.view(np.float64)
         zf = _scores_sorted(n, n, fties, w)
@@ -473,7 +516,11 @@ def rank_normalize(x, workers: int | None = None) -> np.ndarray:
     z = np.empty_like(y)
     for k in range(s):
         v = y[k].reshape(-1)
-        z[k] = (_z_scores_nan(v, workers) if np.isnan(v).any() else _Ranked(v, workers).z()).reshape(c, n)
+        if np.isnan(v).any():
+            z[k] = _z_scores_nan(v, workers).reshape(c, n)
+            continue
+        with _Buffers() as buffers:  # copied out of the pooled buffer before it goes back
+            z[k] = _Ranked(v, workers, buffers.take).z().reshape(c, n)
     return np.moveaxis(z, 0, 2).reshape(np.shape(x))
 
 
@@ -590,11 +637,6 @@ def _valid(y: np.ndarray, min_chains: int) -> bool:
     return y.shape[0] >= min_chains and y.shape[1] >= _MIN_DRAWS and not math.isnan(y.min())
 
 
-def _bulk_z(sp: np.ndarray, workers: int) -> tuple[_Ranked, np.ndarray]:
-    r = _Ranked(sp.reshape(-1), workers)
-    return r, r.z().reshape(sp.shape)
-
-
 def _tail_probs(prob) -> tuple[float, float]:
     if prob is None:
         return (0.05, 0.95)
@@ -615,13 +657,16 @@ def _ess_one(y: np.ndarray, method: str, probs, relative: bool, workers: int) ->
         return math.nan
     if method == "basic":
         return _ess_chains(y, relative, workers)
+    sp = _split_rows(y)
     if method == "mean":
-        return _ess_chains(_split_rows(y), relative, workers)
-    if method == "bulk":
-        return _ess_chains(_bulk_z(_split_rows(y), workers)[1], relative, workers)
-    qs = np.quantile(y, probs)  # quantiles of all draws (before splitting), as arviz-stats
-    buf = np.empty_like(y)
-    return min(_indicator_ess(y, q, buf, relative, workers) for q in qs)
+        return _ess_chains(sp, relative, workers)
+    with _Buffers() as buffers:
+        if method == "bulk":
+            z = _Ranked(sp.reshape(-1), workers, buffers.take).z()
+            return _ess_chains(z.reshape(sp.shape), relative, workers)
+        qs = np.quantile(y, probs)  # quantiles of all draws (before splitting), as arviz-stats
+        buf = buffers.take(y.size).view(np.float64).reshape(y.shape)
+        return min(_indicator_ess(y, q, buf, relative, workers) for q in qs)
 
 
 def ess(x, method: str = "bulk", prob: float | tuple[float, float] | None = None,
@@ -660,14 +705,15 @@ def _rhat_one(y: np.ndarray, method: str, workers: int) -> float:
     sp = _split_rows(y)
     if method == "split":
         return _rhat_chains(sp)
-    r = _Ranked(sp.reshape(-1), workers)
-    if method == "folded":  # folded about the median of the split draws
-        return _rhat_chains(r.folded_z().reshape(sp.shape), workers)
-    z = r.z()
-    bulk = _rhat_chains(z.reshape(sp.shape), workers)
-    if method == "z_scale":
-        return bulk
-    tail = _rhat_chains(r.folded_z(scratch=z).reshape(sp.shape), workers)
+    with _Buffers() as buffers:
+        r = _Ranked(sp.reshape(-1), workers, buffers.take)
+        if method == "folded":  # folded about the median of the split draws
+            return _rhat_chains(r.folded_z().reshape(sp.shape), workers)
+        z = r.z()
+        bulk = _rhat_chains(z.reshape(sp.shape), workers)
+        if method == "z_scale":
+            return bulk
+        tail = _rhat_chains(r.folded_z(scratch=z).reshape(sp.shape), workers)
     return max(bulk, tail)  # Python's max, as arviz-stats: NaN only when the bulk one is NaN
 
 
@@ -692,13 +738,19 @@ SUMMARY_KEYS = ("rhat", "rhat_bulk", "rhat_tail", "rhat_split", "ess_bulk", "ess
 
 def _summary_one(y: np.ndarray, probs, workers: int) -> dict:
     """Every figure of :func:`summarize` for one scalar's (C, n) draws, with one sort."""
-    c, n = y.shape
     res = dict.fromkeys(SUMMARY_KEYS, math.nan)
     if not _valid(y, 1):
         return res
     res["mean"], res["sd"] = float(y.mean()), float(y.std(ddof=1))
-    sp = _split_rows(y)
-    r = _Ranked(sp.reshape(-1), workers)
+    with _Buffers() as buffers:
+        _summary_ranked(y, _split_rows(y), probs, res, workers, buffers.take)
+    return res
+
+
+def _summary_ranked(y, sp, probs, res: dict, workers: int, take: Callable) -> None:
+    """The figures of :func:`_summary_one` that come from the chains, with one sort."""
+    c, n = y.shape
+    r = _Ranked(sp.reshape(-1), workers, take)
     z = r.z().reshape(sp.shape)
     res["ess_bulk"] = _ess_chains(z, workers=workers)
     res["ess_mean"] = _ess_chains(sp, workers=workers)
@@ -720,7 +772,6 @@ def _summary_one(y: np.ndarray, probs, workers: int) -> dict:
         ind[r.order[:k] if low else r.order[k:]] = 1.0 if low else 0.0
         tail.append(_ess_chains(ind.reshape(sp.shape), workers=workers))
     res["ess_tail"] = min(tail)
-    return res
 
 
 def summarize(x, prob: tuple[float, float] = (0.05, 0.95), workers: int | None = None) -> dict:
@@ -840,8 +891,10 @@ def nested_rhat(x, superchain_ids, method: str = "rank", workers: int | None = N
     out = np.empty(y.shape[0])
     shp = (1, *sp.shape[1:])
     for k in range(y.shape[0]):
-        r = _Ranked(sp[k].reshape(-1), w)
-        bulk = _nested_core(r.z().reshape(shp), ids2)[0]
-        tail = _nested_core(r.folded_z().reshape(shp), ids2)[0]
+        with _Buffers() as buffers:
+            r = _Ranked(sp[k].reshape(-1), w, buffers.take)
+            z = r.z()
+            bulk = _nested_core(z.reshape(shp), ids2)[0]
+            tail = _nested_core(r.folded_z(scratch=z).reshape(shp), ids2)[0]
         out[k] = max(bulk, tail)
     return _out(out, dims)
