@@ -11,7 +11,8 @@ use) "cold" (``clear_caches()`` first: the call pays for fresh buffers and norma
 first call does), "warm" (as every later call on draws of the same size: every scalar of a run
 after the first) and cold on one thread. Reported per figure: the best time of each, the median
 over repeats of the per-repeat ratio theirs / ours (>1: we are faster) and the largest relative
-disagreement of the values. ``summarize`` (every figure of one
+disagreement of the values; also the ratios of CPU time (user + system, all threads), which
+depend less on how much of the machine other processes take. ``summarize`` (every figure of one
 scalar with one sort) is timed against the sum of arviz-stats' separate calls for the same
 figures. The last line printed is one JSON object.
 """
@@ -37,16 +38,18 @@ def ar1(chains: int, draws: int, rho: float, seed: int) -> np.ndarray:
     return x
 
 
-def _timed(fn, number: int, before=None) -> tuple[float, float]:
-    """(seconds per call, value) over ``number`` calls; ``before`` runs untimed before each."""
-    total, val = 0.0, None
+def _timed(fn, number: int, before=None) -> tuple[float, float, float]:
+    """(wall seconds per call, CPU seconds per call (all threads, user + system), value) over
+    ``number`` calls; ``before`` runs untimed before each."""
+    wall, cpu, val = 0.0, 0.0, None
     for _ in range(number):
         if before is not None:
             before()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         val = fn()
-        total += time.perf_counter() - t
-    return total / number, float(val)
+        wall += time.perf_counter() - t
+        cpu += time.process_time() - c
+    return wall / number, cpu / number, float(val)
 
 
 def _figures(x, mcmc):
@@ -78,6 +81,7 @@ def bench_size(x, mcmc, repeats: int, workers: int) -> dict:
     number = max(1, min(200, int(0.1 / max(_timed(lambda: ours["summarize"](1), 1)[0], 1e-4))))
     cols = ("ours_cold", "ours_warm", "ours_cold_1thread", "arviz_stats")
     times = {name: {col: [] for col in cols} for name in ours}
+    cpu = {name: {col: [] for col in cols} for name in ours}
     values = {name: {} for name in ours}
     for _ in range(repeats):
         for name in ours:
@@ -87,24 +91,29 @@ def bench_size(x, mcmc, repeats: int, workers: int) -> dict:
                     "ours_cold_1thread": (lambda: ours[name](1), mcmc.clear_caches),
                     "arviz_stats": (theirs[name], None)}
             for col, (fn, before) in runs.items():
-                sec, v[col] = _timed(fn, number, before)
+                sec, cpu_sec, v[col] = _timed(fn, number, before)
                 t[col].append(sec)
+                cpu[name][col].append(cpu_sec)
             if name == "summarize":  # arviz-stats' separate calls for the same figures
-                t["arviz_stats"][-1] += sum(times[k]["arviz_stats"][-1] for k in ("ess_bulk", "ess_tail", "rhat_rank"))
+                for d in (times, cpu):
+                    d[name]["arviz_stats"][-1] += sum(d[k]["arviz_stats"][-1] for k in ("ess_bulk", "ess_tail", "rhat_rank"))
                 v["arviz_stats"] = values["rhat_rank"]["arviz_stats"]
     out = {"calls_per_timing": number}
     for name, t in times.items():
         v = values[name]
         ratios = {col: [c / a for a, c in zip(t[col], t["arviz_stats"])] for col in cols[:3]}
+        cpu_ratios = {col: [c / a for a, c in zip(cpu[name][col], cpu[name]["arviz_stats"])] for col in cols[:3]}
         rel = max(abs(v[col] - v["arviz_stats"]) for col in cols[:3]) / abs(v["arviz_stats"])
         out[name] = {**{f"{col}_s": round(min(t[col]), 5) for col in cols},
                      **{f"ratio_{col[5:]}_median": round(float(np.median(r)), 2) for col, r in ratios.items()},
+                     **{f"cpu_ratio_{col[5:]}_median": round(float(np.median(r)), 2) for col, r in cpu_ratios.items()},
                      "ratios_cold": [round(r, 2) for r in ratios["ours_cold"]],
                      "max_rel_diff": rel, "value": v["ours_cold"]}
         med = {col: np.median(r) for col, r in ratios.items()}
         print(f"  {name:10s} ours cold {min(t['ours_cold']):8.4f} s  warm {min(t['ours_warm']):8.4f} s  "
               f"1 thread {min(t['ours_cold_1thread']):8.4f} s | arviz-stats {min(t['arviz_stats']):8.4f} s | "
               f"x{med['ours_cold']:.2f} cold, x{med['ours_warm']:.2f} warm, x{med['ours_cold_1thread']:.2f} 1 thread"
+              f" | CPU-time x{np.median(cpu_ratios['ours_cold']):.2f} cold, x{np.median(cpu_ratios['ours_warm']):.2f} warm"
               f" | rel diff {rel:.1e}", flush=True)
     return out
 
