@@ -36,6 +36,7 @@ from mmgm_ray.diagnostics.mcmc import (
     autocorr,
     autocov,
     batch_means_ess,
+    default_workers,
     ess,
     integrated_autocorr_time,
     nested_rhat,
@@ -63,7 +64,7 @@ from mmgm_ray.diagnostics.transitions import (
 
 __all__ = [
     "split_chains", "rank_normalize", "autocov", "autocorr", "ess", "rhat", "nested_rhat",
-    "integrated_autocorr_time", "batch_means_ess", "summarize",
+    "integrated_autocorr_time", "batch_means_ess", "summarize", "default_workers",
     "transition_counts", "transition_matrix", "visit_fractions", "dwell_times", "class_occupancy",
     "transition_report",
     "chain_index", "chain_arrays", "iter_sample_batches", "nearest_mean_classifier", "diagnose",
