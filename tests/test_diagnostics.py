@@ -155,7 +155,7 @@ def test_autocorrelation_of_ar1_is_rho_to_the_k():
 
 
 def test_rhat_with_ten_thousand_chains_follows_ess():
-    # Vats & Knudson (2021): R-hat^2 ~= 1 + chains/ESS_total; here over 2C split chains. REFERENCES:
+    # Vats & Knudson (2021): R-hat^2 ~= 1 + chains/ESS_total; here over 2C split chains. Measured:
     # 10^4 stationary AR(1) chains of 1,000 draws with tau = 19 gave rank R-hat 1.018.
     rng = np.random.default_rng(0)
     c, n, rho = 10_000, 1000, 0.9
@@ -179,7 +179,7 @@ def test_batch_means_needs_long_batches():
     auto, info = D.batch_means_ess(x, return_info=True)
     assert info["batch_size"] >= 20 * 8
     assert auto == pytest.approx(expected, rel=0.1)
-    short = D.batch_means_ess(x, batch_size=20)  # ~2.2 tau: overestimates (REFERENCES: +27%)
+    short = D.batch_means_ess(x, batch_size=20)  # ~2.2 tau: overestimates (measured: +27%)
     assert short > 1.15 * expected
     # non-mixing chains: between-chain spread counts, the ESS collapses
     stuck = x + np.repeat([0.0, 5.0], c // 2)[:, None]
