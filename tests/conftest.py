@@ -34,3 +34,14 @@ def ray_session(tmp_path_factory):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for a test (OpenMP threads contending on a shared 2-core box are 5x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ from mmgm_ray.factory import load_artifact
 from mmgm_ray.images import grid_size, save_grid
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded torch (OpenMP threads contending on a shared 2-core box are 5x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_save_grid_layout(tmp_path):

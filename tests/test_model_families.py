@@ -17,13 +17,7 @@ from mmgm_ray.train.validate import validate_run
 from test_demo import _nn_dist  # the demo's nearest-real-digit measure, unchanged
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded torch (OpenMP threads contending on a shared 2-core box are 5x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

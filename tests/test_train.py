@@ -10,7 +10,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from fake_cluster import free_port, free_range  # tests/: one definition of free ports
 from mmgm_ray import faults
 from mmgm_ray.cli import main as mmgm_main
 from mmgm_ray.config import load_config
@@ -331,32 +331,6 @@ def test_ray_bad_config_fails_before_any_worker(ray_session, tmp_path):
 # A real head with token auth + ray job submit
 # ---------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_range(n: int) -> int:
-    """Start of n consecutive free ports below the ephemeral range (for Ray's worker ports)."""
-    rng = np.random.default_rng()
-    for _ in range(50):
-        base = int(rng.integers(20000, 30000 - n))
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_job_submit_to_token_auth_head(tmp_path):
@@ -371,8 +345,8 @@ def test_job_submit_to_token_auth_head(tmp_path):
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
                 "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
                 "OMP_NUM_THREADS": "1"})
-    gcs, dash, client, agent, metrics, rtenv = (_free_port() for _ in range(6))
-    wbase = _free_range(60)
+    gcs, dash, client, agent, metrics, rtenv = (free_port() for _ in range(6))
+    wbase = free_range(60)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--dashboard-port", str(dash),
            "--dashboard-host", "127.0.0.1", "--node-ip-address", "127.0.0.1", "--num-cpus", "4",
            "--temp-dir", str(short / "ray"), "--disable-usage-stats", "--ray-client-server-port", str(client),
