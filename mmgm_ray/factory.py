@@ -35,14 +35,20 @@ def build_noise(cfg: RunConfig) -> GaussianMNM:
     return GaussianMNM(cfg.noise.sigma, cfg.noise.M)
 
 
+def attention_kernels(kind: str) -> str:
+    """The attention kernels (``nets.ATTENTION_KERNELS``) of a model kind: MEM^2 trains through a
+    double backward, which only the math kernel has; the others take the fused kernels."""
+    return "math" if kind == "mem2" else "fused"
+
+
 def build_score_model(cfg: RunConfig, event_shape: tuple[int, ...]) -> ScoreModel:
     """A learnable score model (universal / MDAE / MEM^2) wrapping the configured network."""
     noise = build_noise(cfg)
     m = cfg.model
     if m.kind == "universal":
-        net = build_net(m.net, event_shape, in_mult=1)
+        net = build_net(m.net, event_shape, in_mult=1, attention=attention_kernels(m.kind))
         return UniversalDenoiser(net, noise, event_shape, precond=m.precond, sigma_data=m.sigma_data)
-    net = build_net(m.net, event_shape, in_mult=noise.M)
+    net = build_net(m.net, event_shape, in_mult=noise.M, attention=attention_kernels(m.kind))
     if m.kind == "mdae":
         return MDAE(net, noise, event_shape, input_scaling=m.input_scaling, sigmoid_output=m.sigmoid_output)
     if m.kind == "mem2":

@@ -21,11 +21,15 @@ from mmgm_ray.validators import positive as check_positive
 def _mvn_logpdf(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, cov) for rows of x (..., n)."""
     L = torch.linalg.cholesky(cov)
+    return _mvn_logpdf_chol(x, mean, L, 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1))
+
+
+def _mvn_logpdf_chol(x: torch.Tensor, mean: torch.Tensor, L: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, L L^T) given the Cholesky factor L and log det(L L^T); broadcasts over leading
+    dims, so (B, 1, n) rows against (K, n) means and (K, n, n) factors give (B, K) in one call."""
     diff = (x - mean).unsqueeze(-1)
     sol = torch.linalg.solve_triangular(L, diff, upper=False).squeeze(-1)
-    n = x.shape[-1]
-    logdet = 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * (sol.pow(2).sum(-1) + logdet + n * math.log(2.0 * math.pi))
+    return -0.5 * (sol.pow(2).sum(-1) + logdet + x.shape[-1] * math.log(2.0 * math.pi))
 
 
 def _check_cov(name: str, cov: torch.Tensor, d: int) -> torch.Tensor:
@@ -44,7 +48,10 @@ class GMMOracle(UniversalScoreModel):
     E[X | ybar] = sum_k w_k(ybar) [mu_k + S_k (S_k + s^2 I)^{-1} (ybar - mu_k)],
     w_k oc pi_k N(ybar; mu_k, S_k + s^2 I), s = sigma_eff (THEORY section 6).
     Computations run in the dtype of the buffers (float64 unless the module is cast) and are cast
-    back to the input dtype.
+    back to the input dtype. Everything that does not depend on ybar (the Cholesky factors and log
+    determinants of S_k + s^2 I, the gains, log pi_k) is computed once here: a sampling step then
+    runs one batched triangular solve and no factorization (a Cholesky checks its result on the
+    host, which stalls a GPU every step).
     """
 
     def __init__(self, weights, means, covs, noise: GaussianMNM, event_shape: tuple[int, ...] | None = None):
@@ -72,6 +79,12 @@ class GMMOracle(UniversalScoreModel):
         self.register_buffer("covs", covs)
         self.register_buffer("smoothed_covs", smoothed)                       # S_k + s^2 I
         self.register_buffer("gains", covs @ torch.linalg.inv(smoothed))       # A_k = S_k (S_k + s^2 I)^{-1}
+        chol = torch.linalg.cholesky(smoothed)
+        # derived from the buffers above: not saved in a state dict, moved and cast with the module
+        self.register_buffer("smoothed_chol", chol, persistent=False)        # L_k, L_k L_k^T = S_k + s^2 I
+        self.register_buffer("smoothed_logdet", 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1),
+                             persistent=False)
+        self.register_buffer("log_weights", torch.log(weights), persistent=False)
         self.d = d
 
     @property
@@ -81,11 +94,13 @@ class GMMOracle(UniversalScoreModel):
     def _flat(self, z: torch.Tensor) -> torch.Tensor:
         return z.reshape(z.shape[0], self.d).to(self.means.dtype)
 
+    def _log_joint(self, f: torch.Tensor) -> torch.Tensor:
+        """log pi_k + log N(ybar; mu_k, S_k + s^2 I) for flat rows f (B, d): (B, K)."""
+        return _mvn_logpdf_chol(f[:, None, :], self.means, self.smoothed_chol, self.smoothed_logdet) + self.log_weights
+
     def log_responsibilities(self, ybar: torch.Tensor) -> torch.Tensor:
         """log w_k(ybar), (B, K): the posterior over components given ybar."""
-        f = self._flat(ybar)
-        logp = torch.stack([_mvn_logpdf(f, self.means[k], self.smoothed_covs[k]) for k in range(self.K)], -1)
-        logp = logp + torch.log(self.weights)
+        logp = self._log_joint(self._flat(ybar))
         return logp - torch.logsumexp(logp, -1, keepdim=True)
 
     def denoise(self, ybar: torch.Tensor) -> torch.Tensor:
@@ -97,9 +112,7 @@ class GMMOracle(UniversalScoreModel):
 
     def log_p_ybar(self, ybar: torch.Tensor) -> torch.Tensor:
         """log p_{sigma_eff}(ybar), (B,)."""
-        f = self._flat(ybar)
-        logp = torch.stack([_mvn_logpdf(f, self.means[k], self.smoothed_covs[k]) for k in range(self.K)], -1)
-        return torch.logsumexp(logp + torch.log(self.weights), -1)
+        return torch.logsumexp(self._log_joint(self._flat(ybar)), -1)
 
     def log_p_y(self, y: torch.Tensor) -> torch.Tensor:
         """Normalized log p(y) of the M-density, from the explicit Md-dimensional Gaussians, (B,)."""
