@@ -367,6 +367,10 @@ class PoolConfig:
         check.multiple_of("pool.chunk_steps", self.chunk_steps, "pool.checkpoint_every", self.checkpoint_every)
         check.pool_device(self.device, self.gpus_per_actor)
 
+    def device_type(self) -> str:
+        """Where the actors run: cuda for ``device=cuda``, or ``auto`` with a GPU share reserved; else cpu."""
+        return "cuda" if self.device == "cuda" or (self.device == "auto" and self.gpus_per_actor > 0) else "cpu"
+
 
 @dataclass
 class GenerateConfig:

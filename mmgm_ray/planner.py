@@ -151,15 +151,15 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def measure_score_bytes(module: torch.nn.Module, score_fn: Callable, y: torch.Tensor, backward: bool = False) -> int:
+def measure_score_bytes(module: torch.nn.Module, score_fn: Callable, y: torch.Tensor) -> int:
     """Working memory of one chain's score evaluation, from one evaluation of ``score_fn`` on the
     probe batch ``y`` (its first dimension: chains).
 
     CUDA: the allocator's peak above what was allocated before the call. CPU (no allocator
     statistics): the bytes of every output of ``module``'s submodules during the call, an upper
-    bound of a forward pass's live activations, doubled when the score runs a ``backward`` (MEM^2
-    keeps them for it and allocates as much for gradients); at least eight float64 chain-sized
-    temporaries (closed-form oracles, which have no submodules).
+    bound of a forward pass's live activations, doubled when autograd records them for a backward
+    inside the score (MEM^2 keeps them for it and allocates as much for gradients); at least eight
+    float64 chain-sized temporaries (closed-form oracles, which have no submodules).
     """
     n = int(y.shape[0])
     if y.device.type == "cuda":
@@ -167,18 +167,17 @@ def measure_score_bytes(module: torch.nn.Module, score_fn: Callable, y: torch.Te
         torch.cuda.reset_peak_memory_stats(y.device)
         base = torch.cuda.memory_allocated(y.device)
         with torch.no_grad():  # as the engine evaluates it (MEM^2 turns gradients on inside)
-            out = score_fn(y)
+            score_fn(y)
         torch.cuda.synchronize(y.device)
-        peak = torch.cuda.max_memory_allocated(y.device) - base
-        del out
-        return max(1, math.ceil(peak / n))
-    total = 0
+        return max(1, math.ceil((torch.cuda.max_memory_allocated(y.device) - base) / n))
+    total, backward = 0, False
 
     def count(_mod, _inp, output) -> None:
-        nonlocal total
+        nonlocal total, backward
         for t in output if isinstance(output, (tuple, list)) else (output,):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
+                backward |= t.requires_grad   # recorded for a backward inside the score (MEM^2)
 
     hooks = [m.register_forward_hook(count) for m in module.modules() if m is not module]
     try:

@@ -21,7 +21,7 @@ from mmgm_ray import demo, hardware
 from mmgm_ray.cli import main as mmgm_main
 from mmgm_ray.config import SamplerConfig, load_config
 from mmgm_ray.engine import WalkJumpEngine, chain_blocks
-from mmgm_ray.factory import build_score_model, load_sampling_model
+from mmgm_ray.factory import build_score_model
 from mmgm_ray.nets.unet import SelfAttention
 from mmgm_ray.noise import GaussianMNM
 from mmgm_ray.oracles import GMMOracle, _mvn_logpdf
@@ -102,10 +102,11 @@ def test_pinned_configs_stay_on_cpu_where_cuda_is_visible(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert train_device(load_config("digits")).type == "cuda"  # unpinned on purpose: auto -> cuda
+    assert pool_device(load_config(None, ["pool.gpus_per_actor=0.5"]).pool).type == "cuda"  # unpinned on purpose
     for cfg in (cpu_config("digits"), cpu_dict(gmm_run("x", "y", gpus_per_actor=0.5))):
         assert cfg.train.device == "cpu" and cfg.pool.device == "cpu"
         assert train_device(cfg).type == "cpu"
-        assert pool_device(cfg.pool.device, cfg.pool.gpus_per_actor).type == "cpu"
+        assert pool_device(cfg.pool).type == "cpu"
 
 
 # ---- 1. the demo's preview runs where the model is -----------------------------------------------
@@ -476,20 +477,21 @@ def test_memory_plan_for_cifar_matches_the_hand_calculation():
     assert "micro-batch 3072" in p.summary()
 
 
-def test_measured_score_bytes_bound_the_activations():
-    """CPU estimate: every submodule output of one forward (doubled when the score runs a backward)."""
-    model = _model("universal")
-    y = torch.zeros(4, 1, 4, 4)
+@pytest.mark.parametrize("kind, factor", [("universal", 1), ("mem2", 2)])
+def test_measured_score_bytes_bound_the_activations(kind, factor):
+    """CPU estimate per chain: every submodule output of one score evaluation, doubled for MEM^2,
+    whose score runs a backward through them."""
+    model = _model(kind)
+    fn, y = (model.reduced_score, torch.zeros(4, 1, 4, 4)) if kind == "universal" else \
+        (model.score, torch.zeros(4, 2, 1, 4, 4))
     outs = []
     hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o.numel() * o.element_size()))
              for m in model.modules() if m is not model]
     with torch.no_grad():
-        model.reduced_score(y)
+        fn(y)
     for h in hooks:
         h.remove()
-    assert measure_score_bytes(model, model.reduced_score, y) == math.ceil(sum(outs) / 4)
-    mem2 = _model("mem2")
-    assert measure_score_bytes(mem2, mem2.score, torch.zeros(4, 2, 1, 4, 4)) > 0
+    assert measure_score_bytes(model, fn, y) == math.ceil(factor * sum(outs) / 4)
 
 
 @pytest.mark.parametrize("kind", ["universal", "mem2", "gmm"])

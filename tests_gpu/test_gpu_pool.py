@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from mmgm_ray.engine import WalkJumpEngine, chain_blocks
 from mmgm_ray.factory import load_sampling_model

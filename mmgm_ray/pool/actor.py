@@ -48,7 +48,7 @@ import ray
 import torch
 
 from mmgm_ray import faults
-from mmgm_ray.config import RunConfig, from_dict
+from mmgm_ray.config import PoolConfig, RunConfig, from_dict
 from mmgm_ray.data import load_dataset
 from mmgm_ray.engine import WalkJumpEngine
 from mmgm_ray.factory import load_sampling_model
@@ -59,15 +59,14 @@ from mmgm_ray.planner import (MAX_GATHER_ROWS, MemoryPlan, available_host_memory
 from mmgm_ray.store import SampleStore, acquire_lease
 
 
-def resolve_device(pool_device: str, gpus_per_actor: float) -> torch.device:
-    """``auto`` -> cuda when a GPU share was reserved (Ray then makes it visible as cuda:0), else cpu.
+def resolve_device(pool: PoolConfig) -> torch.device:
+    """The actor's device (``PoolConfig.device_type``; Ray shows a reserved GPU as cuda:0).
 
-    A reserved GPU that CUDA cannot see, or ``cuda`` on a worker without CUDA, is a ValueError: a
-    GPU actor never falls back to the CPU silently.
+    A reserved GPU that CUDA cannot see is a ValueError: a GPU actor never falls back to the CPU.
     """
-    want = pool_device if pool_device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"pool.device={pool_device!r} with pool.gpus_per_actor={gpus_per_actor} but CUDA "
+    want = pool.device_type()
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"pool.device={pool.device!r} with pool.gpus_per_actor={pool.gpus_per_actor} but CUDA "
                          f"is not available on this worker")
     return torch.device(want)
 
@@ -339,7 +338,7 @@ class ChainActor:
         if pool.cpus_per_actor >= 1:
             # one intra-op thread per CPU the actor was given: actors must not oversubscribe cores
             torch.set_num_threads(max(1, int(pool.cpus_per_actor)))
-        self.device = resolve_device(pool.device, pool.gpus_per_actor)
+        self.device = resolve_device(pool)
         apply_precision(Precision(allow_tf32=self.cfg.sampler.allow_tf32))
         self.hardware = describe(self.device)
         self.device_note = check_device_class(recorded_hardware, self.hardware, f"run {run_id!r}",

@@ -105,10 +105,8 @@ class SamplingRun:
     allow_device_change: bool = False
 
 
-def planned_device_type(cfg: RunConfig) -> str:
-    """The device type the actors will run on, from the config alone (``resolve_device``'s rule)."""
-    p = cfg.pool
-    return "cuda" if p.device == "cuda" or (p.device == "auto" and p.gpus_per_actor > 0) else "cpu"
+#: the exception line of a ValueError raised in an actor's constructor, in Ray's error text
+_BAD_INPUT = re.compile(r"^(?:[\w.]+\.)?(DeviceChangeError|ValueError): (.+)$", re.MULTILINE)
 
 
 def open_sampling_run(cfg: RunConfig, resume: bool, storage_options: Optional[dict] = None,
@@ -132,7 +130,7 @@ def open_sampling_run(cfg: RunConfig, resume: bool, storage_options: Optional[di
                              f"{existing.get('model_hash')}; no existing file was touched")
         recorded_type = (existing.get("hardware") or {}).get("device_type")
         note = check_device_class({"device_class": recorded_type} if recorded_type else None,
-                                  {"device_class": planned_device_type(cfg)}, cfg.run_dir, allow_device_change)
+                                  {"device_class": cfg.pool.device_type()}, cfg.run_dir, allow_device_change)
         if note:
             print(f"[mmgm pool] {note}", file=sys.stderr, flush=True)
         layout = [list(map(int, g)) for g in existing.get("extra", {}).get("layout", [])]
@@ -287,9 +285,9 @@ class PoolDriver:
         if isinstance(err, ray.exceptions.ActorUnavailableError):
             self._advance(i)   # restarting right now: advance() is idempotent
             return
-        refused = re.search(r"DeviceChangeError: (.+)", str(err)) if getattr(err, "actor_init_failed", False) else None
-        if refused:  # the actor refused another device class before touching the store: one line
-            raise DeviceChangeError(refused.group(1)) from None
+        bad = _BAD_INPUT.search(str(err)) if getattr(err, "actor_init_failed", False) else None
+        if bad:  # the actor refused its input (another device class, chains that do not fit): one line
+            raise (DeviceChangeError if bad.group(1) == "DeviceChangeError" else ValueError)(bad.group(2)) from None
         if getattr(err, "actor_init_failed", False) or self.replacements >= self.max_replacements:
             g = self.layout[i]
             raise RuntimeError(f"chain actor {i} (blocks {g[0]}..{g[-1]}) cannot be kept alive: {err}") from err
@@ -365,7 +363,7 @@ class PoolDriver:
         """Record actor ``i``'s hardware and memory plan; report an allowed change of device class once."""
         before = self.hardware.get(str(i), {}).get("device_class")
         self.hardware[str(i)] = res["hardware"]
-        self.memory_plans[str(i)] = res["memory_plan"]
+        self.memory_plans[str(i)] = {**res["memory_plan"], "micro_batch_used": res["micro_batch"]}
         if res["device_note"] and before != res["hardware"]["device_class"]:
             print(f"[mmgm pool] actor {i}: {res['device_note']}", file=sys.stderr, flush=True)
             self.device_changes.append({"actor": i, "from": before, "to": res["hardware"]["device_class"]})
