@@ -280,6 +280,21 @@ def test_actor_refuses_another_device_class_before_touching_the_store(tmp_path):
     assert res["memory_plan"]["chains"] == 96
 
 
+def test_runs_recorded_before_the_precision_fields_still_resume(tmp_path):
+    """A run recorded before ``sampler.allow_tf32`` existed resumes: a field the recorded config
+    lacks counts as its default (off); turning TF32 on for the resume is refused."""
+    from mmgm_ray.config import to_dict
+    from mmgm_ray.pool.driver import check_resume_compatible
+
+    cfg = cpu_dict(gmm_run(tmp_path, "old"))
+    recorded = to_dict(cfg)
+    del recorded["sampler"]["allow_tf32"]
+    check_resume_compatible(recorded, cfg)
+    cfg.sampler.allow_tf32 = True
+    with pytest.raises(ValueError, match=r"differs from the recorded one in \['sampler.allow_tf32'\]"):
+        check_resume_compatible(recorded, cfg)
+
+
 def _set_recorded(url, actor_class: str, device_type: str) -> None:
     man_path = pathlib.Path(url) / "manifest.json"
     man = json.loads(man_path.read_text())

@@ -77,13 +77,21 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix]
 
 
+def _with_defaults(recorded: Any, default: Any) -> Any:
+    """``recorded`` with the fields it lacks (added to the config since it was recorded) at their defaults."""
+    if isinstance(recorded, dict) and isinstance(default, dict):
+        return {**default, **{k: _with_defaults(v, default.get(k)) for k, v in recorded.items()}}
+    return recorded
+
+
 def check_resume_compatible(recorded: dict, cfg: RunConfig) -> None:
     """Raise ValueError naming the keys that differ between a run's recorded config and ``cfg``
-    among those that decide the samples (seed, noise, sampler, oracle, model, store, data, chains)."""
-    now = to_dict(cfg)
+    among those that decide the samples (seed, noise, sampler, oracle, model, store, data, chains).
+    A field the recorded config lacks (added since) counts as its default."""
+    now, defaults = to_dict(cfg), to_dict(RunConfig())
     diffs = []
     for key in RESUME_KEYS:
-        diffs += _diff_keys(recorded.get(key), now.get(key), key)
+        diffs += _diff_keys(_with_defaults(recorded.get(key), defaults.get(key)), now.get(key), key)
     for key in RESUME_POOL_KEYS:
         diffs += _diff_keys(recorded.get("pool", {}).get(key), now["pool"].get(key), f"pool.{key}")
     if diffs:
