@@ -21,15 +21,11 @@ from mmgm_ray.validators import positive as check_positive
 def _mvn_logpdf(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, cov) for rows of x (..., n)."""
     L = torch.linalg.cholesky(cov)
-    return _mvn_logpdf_chol(x, mean, L, 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1))
-
-
-def _mvn_logpdf_chol(x: torch.Tensor, mean: torch.Tensor, L: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, L L^T) given the Cholesky factor L and log det(L L^T); broadcasts over leading
-    dims, so (B, 1, n) rows against (K, n) means and (K, n, n) factors give (B, K) in one call."""
     diff = (x - mean).unsqueeze(-1)
     sol = torch.linalg.solve_triangular(L, diff, upper=False).squeeze(-1)
-    return -0.5 * (sol.pow(2).sum(-1) + logdet + x.shape[-1] * math.log(2.0 * math.pi))
+    n = x.shape[-1]
+    logdet = 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (sol.pow(2).sum(-1) + logdet + n * math.log(2.0 * math.pi))
 
 
 def _check_cov(name: str, cov: torch.Tensor, d: int) -> torch.Tensor:
@@ -50,7 +46,7 @@ class GMMOracle(UniversalScoreModel):
     Computations run in the dtype of the buffers (float64 unless the module is cast) and are cast
     back to the input dtype. Everything that does not depend on ybar (the Cholesky factors and log
     determinants of S_k + s^2 I, the gains, log pi_k) is computed once here: a sampling step then
-    runs one batched triangular solve and no factorization (a Cholesky checks its result on the
+    runs one triangular solve per component and no factorization (a Cholesky checks its result on the
     host, which stalls a GPU every step).
     """
 
@@ -95,8 +91,12 @@ class GMMOracle(UniversalScoreModel):
         return z.reshape(z.shape[0], self.d).to(self.means.dtype)
 
     def _log_joint(self, f: torch.Tensor) -> torch.Tensor:
-        """log pi_k + log N(ybar; mu_k, S_k + s^2 I) for flat rows f (B, d): (B, K)."""
-        return _mvn_logpdf_chol(f[:, None, :], self.means, self.smoothed_chol, self.smoothed_logdet) + self.log_weights
+        """log pi_k + log N(ybar; mu_k, S_k + s^2 I) for flat rows f (B, d): (B, K). One triangular
+        solve per component with the B rows as right-hand sides (not B tiny solves)."""
+        diff = (f[None] - self.means[:, None]).transpose(1, 2)                     # (K, d, B)
+        sol = torch.linalg.solve_triangular(self.smoothed_chol, diff, upper=False)
+        maha = sol.pow(2).sum(1).T                                                 # (B, K)
+        return -0.5 * (maha + self.smoothed_logdet + self.d * math.log(2.0 * math.pi)) + self.log_weights
 
     def log_responsibilities(self, ybar: torch.Tensor) -> torch.Tensor:
         """log w_k(ybar), (B, K): the posterior over components given ybar."""

@@ -5,7 +5,7 @@ import numpy as np
 
 from mmgm_ray.engine import WalkJumpEngine, chain_blocks
 from mmgm_ray.factory import load_sampling_model
-from mmgm_ray.store import create_run, load_manifest, read_samples
+from mmgm_ray.store import create_run, load_manifest, read_samples, sync_manifest_from_checkpoints
 from gpu_runs import gmm_run
 
 
@@ -45,16 +45,17 @@ def test_pinned_copies_write_the_engines_rows(tmp_path):
 
     cfg = gmm_run(tmp_path, "pin", gpus_per_actor=1)
     blocks = chain_blocks(cfg.pool.num_chains, cfg.sampler.block_size)
-    create_run(str(tmp_path), "pin", event_shape=(2,), config=cfg)
+    store = create_run(str(tmp_path), "pin", event_shape=(2,), config=cfg)
     actor = ChainActor(cfg, str(tmp_path), "pin", blocks)
     while not actor.advance(20)["done"]:
         pass
     actor.close()
+    sync_manifest_from_checkpoints(store, blocks)   # the driver's part: commit what the blocks checkpointed
     model, shape, _ = load_sampling_model(cfg, "cuda")
     eng = WalkJumpEngine(model, cfg.sampler, shape, cfg.seed, blocks, "cuda", micro_batch=actor.engine.micro_batch)
     eng.initialize()
     jb = eng.run_collect(cfg.pool.num_steps)
     order = np.lexsort((jb.step.cpu().numpy(), jb.chain_id.cpu().numpy()))
-    x, _ = _sorted_rows(f"{tmp_path}/pin")
+    x, _ = _sorted_rows(store.url)
     assert x.tobytes() == jb.xhat.cpu().numpy()[order].tobytes()
     assert actor.hardware["device_type"] == "cuda"
