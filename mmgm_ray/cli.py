@@ -44,6 +44,12 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-options", default=None, metavar="JSON",
                    help="fsspec storage options for the store, e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}'")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    _device_change_arg(p, "with --resume: continue a run sampled on another device class (CPU vs CUDA, another "
+                          "GPU model); its rows then differ from an uninterrupted run")
+
+
+def _device_change_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--allow-device-change", action="store_true", help=help_text)
 
 
 def _start_ray(args: argparse.Namespace) -> None:
@@ -119,14 +125,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.local:
         from mmgm_ray.train.loop import train_local
 
-        res = train_local(cfg, dataset=plan.dataset)
+        res = train_local(cfg, dataset=plan.dataset, allow_device_change=args.allow_device_change)
         _print_json({"artifact": res.artifact, "model_hash": res.model_hash, "step": res.step,
                      "loss": res.history[-1]["loss"] if res.history else None})
         return 0
     from mmgm_ray.train.ray_train import run_ray_training
 
     _start_ray(args)
-    res = run_ray_training(cfg, plan)
+    res = run_ray_training(cfg, plan, allow_device_change=args.allow_device_change)
     _print_json({"artifact": res.artifact, "checkpoint": res.checkpoint_path, "metrics": res.metrics})
     return 0
 
@@ -138,6 +144,8 @@ def _add_train(sub) -> None:
     p.add_argument("--local", action="store_true", help="train in this process without Ray")
     p.add_argument("--dry-run", action="store_true",
                    help="validate config, data and network; print the resolved config and parameter count")
+    _device_change_arg(p, "resume from a checkpoint written on another device class (CPU vs CUDA, another GPU "
+                          "model); the weights then differ from an uninterrupted run")
     p.set_defaults(func=_cmd_train)
 
 
@@ -193,7 +201,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     cfg, resume, opts = _sampling_config(args)
     _start_ray(args)
-    return _pool_result(run_pool(cfg, resume=resume, storage_options=opts, progress=not args.no_progress))
+    return _pool_result(run_pool(cfg, resume=resume, storage_options=opts, progress=not args.no_progress,
+                                 allow_device_change=args.allow_device_change))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -204,7 +213,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return _pool_result(generate_dataset(
         cfg, args.out, num_samples=args.num_samples, burn_in=args.burn_in, thin=args.thin,
         sample_dtype=args.sample_dtype, png_dir=args.png_dir, grid=args.grid, resume=resume,
-        storage_options=opts, progress=not args.no_progress))
+        storage_options=opts, progress=not args.no_progress, allow_device_change=args.allow_device_change))
 
 
 def _add_sample(sub) -> None:

@@ -40,6 +40,12 @@ def build_noise(cfg: RunConfig) -> GaussianMNM | PoissonMNM:
     return GaussianMNM(cfg.noise.sigma, cfg.noise.M)
 
 
+def attention_kernels(kind: str) -> str:
+    """The attention kernels (``nets.ATTENTION_KERNELS``) of a model kind: MEM^2 trains through a
+    double backward, which only the math kernel has; the others take the fused kernels."""
+    return "math" if kind == "mem2" else "fused"
+
+
 def build_score_model(cfg: RunConfig, event_shape: tuple[int, ...]) -> ScoreModel | PoissonMEM2:
     """A learnable model wrapping the configured network: universal / MDAE / MEM^2 / MUVB on a
     Gaussian MNM, or the Poisson energy model (``PoissonMEM2``) for noise.kind='poisson'."""
@@ -48,14 +54,15 @@ def build_score_model(cfg: RunConfig, event_shape: tuple[int, ...]) -> ScoreMode
     if isinstance(noise, PoissonMNM):
         if m.kind != "mem2":
             raise ValueError(f"noise.kind='poisson' needs model.kind='mem2' (an energy model), got {m.kind!r}")
-        return PoissonMEM2(build_net(m.net, event_shape, in_mult=noise.M), noise, event_shape)
+        net = build_net(m.net, event_shape, in_mult=noise.M, attention=attention_kernels(m.kind))
+        return PoissonMEM2(net, noise, event_shape)
     if m.kind == "universal":
-        net = build_net(m.net, event_shape, in_mult=1)
+        net = build_net(m.net, event_shape, in_mult=1, attention=attention_kernels(m.kind))
         return UniversalDenoiser(net, noise, event_shape, precond=m.precond, sigma_data=m.sigma_data)
     if m.kind == "muvb":
         return MUVB(_build_vae(m, event_shape, noise.M), noise, event_shape, input_scaling=m.input_scaling,
                     elbo_samples=m.elbo_samples, sigmoid_output=m.sigmoid_output)
-    net = build_net(m.net, event_shape, in_mult=noise.M)
+    net = build_net(m.net, event_shape, in_mult=noise.M, attention=attention_kernels(m.kind))
     if m.kind == "mdae":
         return MDAE(net, noise, event_shape, input_scaling=m.input_scaling, sigmoid_output=m.sigmoid_output)
     if m.kind == "mem2":

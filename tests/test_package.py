@@ -32,7 +32,8 @@ def test_cli_help_lists_subcommands():
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "mmgm_ray"
 MATH_CORE = {"config", "validators", "noise", "models", "oracles", "integrators", "rng", "jumps", "engine",
-             "conditioning", "factory", "faults", "images", "nets", "data", "store", "diagnostics", "train"}
+             "conditioning", "factory", "faults", "images", "nets", "data", "store", "diagnostics", "train",
+             "hardware", "planner"}
 RAY_LAYER = {"cluster", "preflight", "pool", "postprocess", "pipeline", "train.ray_train", "cli"}
 
 

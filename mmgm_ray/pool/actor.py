@@ -15,8 +15,15 @@ Two threads, one direction of data:
 The engine thread only talks to the engine through ``step_once``, ``drain_divergences`` and
 ``state_dict([block])``; the sink is touched by the writer thread only, once the actor runs, and
 publishes what it has committed through ``committed()`` (under a lock). On CUDA the jumps are
-copied into pinned host buffers with ``non_blocking=True`` and an event recorded on the copying
-stream; the writer waits on the event, so the copy overlaps with the next steps.
+copied into pinned host buffers with ``non_blocking=True`` and an event recorded on the stream the
+copies were queued on (the current stream of the jumps' device); the writer waits on the event, so
+the copy overlaps with the next steps.
+
+At start the actor sets its numerics flags (``sampler.allow_tf32``, deterministic cuDNN without
+autotuning), describes its hardware (``mmgm_ray.hardware``), refuses to continue a run recorded on
+another device class unless allowed, and plans its memory (``mmgm_ray.planner``: the micro-batch
+of the network calls and the writer's gather rows), printing the plan on stderr; both records
+come back with every ``advance`` result for the driver to put in the manifest.
 
 Block checkpoints hold the engine state at the latest checkpoint step t AND at the previous one
 (t - k): the sink writes its blocks' checkpoints one by one, so a crash in the middle of that loop
@@ -26,9 +33,11 @@ which are rewritten with identical bytes).
 """
 from __future__ import annotations
 
+import math
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -39,23 +48,27 @@ import ray
 import torch
 
 from mmgm_ray import faults
-from mmgm_ray.config import RunConfig, from_dict
+from mmgm_ray.config import PoolConfig, RunConfig, from_dict
 from mmgm_ray.data import load_dataset
 from mmgm_ray.engine import WalkJumpEngine
 from mmgm_ray.factory import load_sampling_model
+from mmgm_ray.hardware import Precision, apply_precision, check_device_class, describe
 from mmgm_ray.jumps import DivergenceEvent, JumpBatch
+from mmgm_ray.planner import (MAX_GATHER_ROWS, MemoryPlan, available_host_memory, free_device_memory,
+                              measure_score_bytes, module_bytes, plan_memory)
 from mmgm_ray.store import SampleStore, acquire_lease
 
-_GATHER_ROWS = 1 << 18  # host rows gathered before conversion (bounds the writer's memory)
 
+def resolve_device(pool: PoolConfig) -> torch.device:
+    """The actor's device (``PoolConfig.device_type``; Ray shows a reserved GPU as cuda:0).
 
-def resolve_device(pool_device: str, gpus_per_actor: float) -> torch.device:
-    """``auto`` -> cuda when a GPU share was asked for and CUDA is visible, else cpu."""
-    if pool_device == "auto":
-        return torch.device("cuda" if gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
-    if pool_device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"pool.device={pool_device!r} but CUDA is not available on this worker")
-    return torch.device(pool_device)
+    A reserved GPU that CUDA cannot see is a ValueError: a GPU actor never falls back to the CPU.
+    """
+    want = pool.device_type()
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"pool.device={pool.device!r} with pool.gpus_per_actor={pool.gpus_per_actor} but CUDA "
+                         f"is not available on this worker")
+    return torch.device(want)
 
 
 # ---- messages from the engine thread to the writer thread -----------------------------------------
@@ -78,6 +91,23 @@ class Checkpoint(NamedTuple):
     status: str               # "running" | "done"
 
 
+def pinned_buffer(t: torch.Tensor) -> torch.Tensor:
+    """A page-locked host tensor shaped like ``t``: a non_blocking copy into it runs asynchronously."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+
+def copy_to_pinned(jb: JumpBatch) -> Jumps:
+    """Queue the device-to-host copies of ``jb`` into pinned buffers; ``copied`` fires once they landed.
+
+    A device-to-host copy runs on the current stream of the SOURCE tensor's device (whatever the
+    current device is), so the event is recorded on that stream.
+    """
+    host = JumpBatch(*(pinned_buffer(t).copy_(t, non_blocking=True) for t in jb))
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(jb.xhat.device))
+    return Jumps(host, event)
+
+
 def _split(sd: dict, prefix: str) -> tuple[dict, dict]:
     """Tensors (renamed ``prefix + key``) and JSON fields of a state dict: checkpoints keep them apart."""
     tensors = {prefix + k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -92,8 +122,9 @@ class BlockSink:
     """The writer-thread side of an actor: its blocks' writers, rows gathered before conversion,
     and the previous checkpoint of every block (for the roll-back described in the module doc)."""
 
-    def __init__(self, store: SampleStore, block_ids: Sequence[int]):
+    def __init__(self, store: SampleStore, block_ids: Sequence[int], gather_rows: int = MAX_GATHER_ROWS):
         self.block_ids = list(block_ids)
+        self.gather_rows = int(gather_rows)   # host rows gathered before conversion (the memory plan)
         self.writers = {b: store.writer(b) for b in self.block_ids}
         for b, w in self.writers.items():
             # a new epoch per (re)start: a writer of an older epoch that still runs is fenced off
@@ -169,7 +200,7 @@ class BlockSink:
         # (block, jump) costs more CPU than a cheap oracle's walk steps
         self._pending.append(msg.batch)
         self._pending_rows += len(msg.batch)
-        if self._pending_rows >= _GATHER_ROWS:
+        if self._pending_rows >= self.gather_rows:
             self._flush_pending()
 
     def _flush_pending(self) -> None:
@@ -288,13 +319,17 @@ class ChainActor:
         block_ids: this actor's blocks, in batch order (its layout; never change it within a run).
         storage_options: fsspec options for the store (endpoint, credentials); never ``memory://``
             across processes.
+        recorded_hardware: the hardware the run recorded (manifest ``hardware``; None for a new run).
+        allow_device_change: continue a run recorded on another device class (else
+            ``hardware.DeviceChangeError``, raised before the store is touched).
 
     The constructor restores from the blocks' latest checkpoints, so Ray's ``max_restarts`` (which
     reruns ``__init__``) resumes exactly where the blocks were last committed.
     """
 
     def __init__(self, cfg: RunConfig | dict, store_root: str, run_id: str, block_ids: Sequence[int],
-                 storage_options: Optional[dict] = None):
+                 storage_options: Optional[dict] = None, *, recorded_hardware: Optional[dict] = None,
+                 allow_device_change: bool = False):
         self.cfg = cfg if isinstance(cfg, RunConfig) else from_dict(RunConfig, cfg)
         pool = self.cfg.pool
         self.block_ids = [int(b) for b in block_ids]
@@ -303,13 +338,21 @@ class ChainActor:
         if pool.cpus_per_actor >= 1:
             # one intra-op thread per CPU the actor was given: actors must not oversubscribe cores
             torch.set_num_threads(max(1, int(pool.cpus_per_actor)))
-        self.device = resolve_device(pool.device, pool.gpus_per_actor)
+        self.device = resolve_device(pool)
+        apply_precision(Precision(allow_tf32=self.cfg.sampler.allow_tf32))
+        self.hardware = describe(self.device)
+        self.device_note = check_device_class(recorded_hardware, self.hardware, f"run {run_id!r}",
+                                              allow_device_change)
         model, event_shape, self.model_hash = load_sampling_model(self.cfg, self.device)
         self.engine = WalkJumpEngine(model, self.cfg.sampler, event_shape, self.cfg.seed, self.block_ids,
                                      self.device, num_chains=pool.num_chains)
+        self.memory_plan = self._plan_memory(model)
+        print(f"[mmgm pool] blocks {self.block_ids[0]}..{self.block_ids[-1]} on {self.hardware['device_class']}: "
+              f"{self.memory_plan.summary()}", file=sys.stderr, flush=True)
         self.sink = NullSink() if faults.skip_store() else BlockSink(
             SampleStore(store_root, run_id, event_shape=event_shape, config=self.cfg.store,
-                        storage_options=storage_options, check_writable=False), self.block_ids)
+                        storage_options=storage_options, check_writable=False), self.block_ids,
+            gather_rows=self.memory_plan.gather_rows)
         self.start_step = self._restore()
         self.restarted = _was_reconstructed()
         self._stop = threading.Event()
@@ -319,6 +362,33 @@ class ChainActor:
         self.new_divergences: list[dict] = []
         self.writer = _WriterThread(self.sink, pool.queue_size)
         self.writer.start()
+
+    def _plan_memory(self, model: torch.nn.Module) -> MemoryPlan:
+        """Plan this actor's memory (``mmgm_ray.planner``) and set the engine's micro-batch from it
+        (``pool.micro_batch`` when set; a restored checkpoint's micro-batch wins over both)."""
+        pool, e = self.cfg.pool, self.engine
+        chain_shape = e.event_shape if e.reduced else (e.M, *e.event_shape)
+        probe_n = min(e.n_chains, e.bs if self.device.type == "cuda" else 4)
+        probe = torch.zeros(probe_n, *chain_shape, device=self.device)
+        score_fn = model.reduced_score if e.reduced else model.score
+        cpu_share = min(1.0, max(pool.cpus_per_actor, 1.0) / (os.cpu_count() or 1))
+        gpu = self.device.type == "cuda"
+        plan = plan_memory(
+            chains=e.n_chains, block_size=e.bs, state_numel=math.prod(chain_shape),
+            event_numel=math.prod(e.event_shape), noise_draws=e.n_draws,
+            score_bytes=measure_score_bytes(model, score_fn, probe), weights_bytes=module_bytes(model),
+            device=self.device.type, device_free=free_device_memory(self.device), host_free=available_host_memory(),
+            queue_size=pool.queue_size, jumps_per_checkpoint=-(-pool.checkpoint_every // self.cfg.sampler.jump_every),
+            fraction=pool.memory_fraction,
+            # a GPU actor plans with its share of the GPU; on a CPU the chains and the writer
+            # split the actor's share of the host memory
+            device_share=min(1.0, pool.gpus_per_actor) if gpu else cpu_share / 2,
+            host_share=cpu_share if gpu else cpu_share / 2)
+        micro = pool.micro_batch or plan.micro_batch
+        if micro >= e.bs:
+            micro -= micro % e.bs   # whole blocks: see WalkJumpEngine's micro_batch
+        e.micro_batch = micro if micro < e.n_chains else None
+        return plan
 
     def _restore(self) -> int:
         """Bring engine and sink to the oldest step every block has committed; return it."""
@@ -335,13 +405,7 @@ class ChainActor:
     # ---- engine thread ---------------------------------------------------------------------------
 
     def _to_host(self, jb: JumpBatch) -> Jumps:
-        if self.device.type != "cuda":
-            return Jumps(jb, None)
-        host = JumpBatch(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                           for t in jb))
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))  # the stream the copies were queued on
-        return Jumps(host, event)
+        return copy_to_pinned(jb) if self.device.type == "cuda" else Jumps(jb, None)
 
     def _send_divergences(self) -> None:
         events = self.engine.drain_divergences()
@@ -417,7 +481,9 @@ class ChainActor:
                 "done": e.step >= self.num_steps, "stopped": self._stop.is_set(),
                 "restarted": self.restarted, "restored_step": self.start_step,
                 "blocks": self.sink.committed(), "divergence_events": divs,
-                "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s, "cpu_s": self.cpu_s}
+                "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s, "cpu_s": self.cpu_s,
+                "hardware": self.hardware, "memory_plan": self.memory_plan.as_dict(),
+                "micro_batch": e.micro_batch, "device_note": self.device_note}
 
     def commit(self) -> dict:
         """Wait until every submitted checkpoint is written; return the committed block entries."""
@@ -428,7 +494,8 @@ class ChainActor:
     def status(self) -> dict:
         """Current step and layout (cheap; for the driver and tests)."""
         return {"pid": os.getpid(), "step": self.engine.step, "block_ids": self.block_ids,
-                "restored_step": self.start_step, "restarted": self.restarted}
+                "restored_step": self.start_step, "restarted": self.restarted,
+                "device_class": self.hardware["device_class"], "micro_batch": self.engine.micro_batch}
 
     def close(self) -> None:
         """Stop the writer thread after the queued messages (a writer error is not re-raised here)."""

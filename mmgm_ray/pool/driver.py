@@ -15,7 +15,11 @@ manifest (the driver is the manifest's only writer). Faults:
   Ctrl-C stops waiting (the block checkpoints are consistent at any instant anyway).
 
 The layout (which actor holds which blocks) is recorded in the manifest (``extra.layout``) and
-reused on resume whatever ``pool.num_actors`` says then.
+reused on resume whatever ``pool.num_actors`` says then. So are the hardware every actor ran on
+(``hardware``: ``mmgm_ray.hardware.describe`` per actor) and its memory plan (``memory_plans``): a
+resume on another device class (CPU vs CUDA, another GPU model) is refused with one line unless
+``allow_device_change``, since the rows would differ from an uninterrupted run; allowed changes are
+listed in ``device_changes``.
 
 Structure: :func:`open_sampling_run` makes the open-or-resume decision (every check before any file
 is touched); :class:`PoolDriver` holds the run's actors, pending calls, committed entries,
@@ -24,6 +28,7 @@ divergences and stop state, with one method per event; :func:`run_pool` ties the
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +41,7 @@ from mmgm_ray.cluster import require_ray
 from mmgm_ray.config import RunConfig, to_dict
 from mmgm_ray.engine import chain_blocks
 from mmgm_ray.factory import load_sampling_model
+from mmgm_ray.hardware import DeviceChangeError, check_device_class
 from mmgm_ray.pool.actor import RemoteChainActor
 from mmgm_ray.store import (SampleStore, create_run, fsutil, load_manifest, sync_manifest_from_checkpoints,
                             update_manifest)
@@ -71,13 +77,21 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix]
 
 
+def _with_defaults(recorded: Any, default: Any) -> Any:
+    """``recorded`` with the fields it lacks (added to the config since it was recorded) at their defaults."""
+    if isinstance(recorded, dict) and isinstance(default, dict):
+        return {**default, **{k: _with_defaults(v, default.get(k)) for k, v in recorded.items()}}
+    return recorded
+
+
 def check_resume_compatible(recorded: dict, cfg: RunConfig) -> None:
     """Raise ValueError naming the keys that differ between a run's recorded config and ``cfg``
-    among those that decide the samples (seed, noise, sampler, oracle, model, store, data, chains)."""
-    now = to_dict(cfg)
+    among those that decide the samples (seed, noise, sampler, oracle, model, store, data, chains).
+    A field the recorded config lacks (added since) counts as its default."""
+    now, defaults = to_dict(cfg), to_dict(RunConfig())
     diffs = []
     for key in RESUME_KEYS:
-        diffs += _diff_keys(recorded.get(key), now.get(key), key)
+        diffs += _diff_keys(_with_defaults(recorded.get(key), defaults.get(key)), now.get(key), key)
     for key in RESUME_POOL_KEYS:
         diffs += _diff_keys(recorded.get("pool", {}).get(key), now["pool"].get(key), f"pool.{key}")
     if diffs:
@@ -95,12 +109,20 @@ class SamplingRun:
     layout: list[list[int]]                 # block ids of each actor, in batch order
     model_hash: str
     divergence_events: list[dict]           # recorded by earlier sessions (resume)
+    hardware: dict                          # recorded by earlier sessions: {device_class, device_type, actors}
+    allow_device_change: bool = False
 
 
-def open_sampling_run(cfg: RunConfig, resume: bool, storage_options: Optional[dict] = None) -> SamplingRun:
+#: the exception line of a ValueError raised in an actor's constructor, in Ray's error text
+_BAD_INPUT = re.compile(r"^(?:[\w.]+\.)?(DeviceChangeError|ValueError): (.+)$", re.MULTILINE)
+
+
+def open_sampling_run(cfg: RunConfig, resume: bool, storage_options: Optional[dict] = None,
+                      allow_device_change: bool = False) -> SamplingRun:
     """Create the run ``{cfg.output}/{cfg.name}`` or reopen it to resume; every check (model
-    artifact, existing run, config and model hash on resume, layout, writability, schema) runs
-    before any existing file is modified, raising ValueError / ``StoreNotWritableError``."""
+    artifact, existing run, config and model hash on resume, device type, layout, writability,
+    schema) runs before any existing file is modified, raising ValueError / ``StoreNotWritableError``.
+    Each actor checks its device class (e.g. the GPU model) against the one recorded for its blocks."""
     cfg.validate()
     _, event_shape, model_hash = load_sampling_model(cfg, "cpu")  # a bad artifact fails here first
     blocks = chain_blocks(cfg.pool.num_chains, cfg.sampler.block_size)
@@ -114,6 +136,11 @@ def open_sampling_run(cfg: RunConfig, resume: bool, storage_options: Optional[di
         if existing.get("model_hash") != model_hash:
             raise ValueError(f"cannot resume {cfg.run_dir}: model hash {model_hash} differs from the recorded "
                              f"{existing.get('model_hash')}; no existing file was touched")
+        recorded_type = (existing.get("hardware") or {}).get("device_type")
+        note = check_device_class({"device_class": recorded_type} if recorded_type else None,
+                                  {"device_class": cfg.pool.device_type()}, cfg.run_dir, allow_device_change)
+        if note:
+            print(f"[mmgm pool] {note}", file=sys.stderr, flush=True)
         layout = [list(map(int, g)) for g in existing.get("extra", {}).get("layout", [])]
         if sorted(b for g in layout for b in g) != blocks:
             raise ValueError(f"cannot resume {cfg.run_dir}: recorded layout does not cover blocks "
@@ -129,7 +156,8 @@ def open_sampling_run(cfg: RunConfig, resume: bool, storage_options: Optional[di
     recorded = existing.get("divergence_events", []) if existing else []
     # on resume the resolved config of this session is recorded (e.g. a longer pool.num_steps)
     update_manifest(store, status="running", pool_progress={}, config=to_dict(cfg), divergence_events=recorded)
-    return SamplingRun(cfg, store, layout, model_hash, recorded)
+    hardware = (existing.get("hardware") if existing else None) or {}
+    return SamplingRun(cfg, store, layout, model_hash, recorded, hardware, allow_device_change)
 
 
 # ---- progress line -------------------------------------------------------------------------------------
@@ -232,6 +260,9 @@ class PoolDriver:
         self.pending: dict[Any, int] = {}         # in-flight advance() -> actor index
         self.entries: dict[int, dict] = {}        # block -> committed manifest entry
         self.divergences = {(d["chain_id"], d["step"]): d for d in run.divergence_events}
+        self.hardware: dict[str, dict] = dict(run.hardware.get("actors") or {})   # actor index -> describe()
+        self.memory_plans: dict[str, dict] = {}
+        self.device_changes: list[dict] = list(run.hardware.get("changes") or [])
         self.chunks_done = self.replacements = self.restarts_seen = 0
         self.stopping, self.stop_deadline = False, float("inf")
         self.snapshot: dict = {}
@@ -252,6 +283,7 @@ class PoolDriver:
         # an actor Ray restarted reports it; count each restarted process once
         self.restarts_seen = len({r["pid"] for r in self.results if r["restarted"]})
         self.steps[i] = res["step"]
+        self._note_hardware(i, res)
         self._fold(res["blocks"], res["divergence_events"])
         if not res["done"] and not self.stopping:
             self._advance(i)
@@ -261,6 +293,9 @@ class PoolDriver:
         if isinstance(err, ray.exceptions.ActorUnavailableError):
             self._advance(i)   # restarting right now: advance() is idempotent
             return
+        bad = _BAD_INPUT.search(str(err)) if getattr(err, "actor_init_failed", False) else None
+        if bad:  # the actor refused its input (another device class, chains that do not fit): one line
+            raise (DeviceChangeError if bad.group(1) == "DeviceChangeError" else ValueError)(bad.group(2)) from None
         if getattr(err, "actor_init_failed", False) or self.replacements >= self.max_replacements:
             g = self.layout[i]
             raise RuntimeError(f"chain actor {i} (blocks {g[0]}..{g[-1]}) cannot be kept alive: {err}") from err
@@ -320,14 +355,31 @@ class PoolDriver:
         self.on_result(i, res)
 
     def _start_actor(self, i: int) -> None:
+        rec = self.run.hardware
+        recorded = (rec.get("actors") or {}).get(str(i)) or (rec if rec.get("device_class") else None)
         self.actors[i] = RemoteChainActor.options(**self.options).remote(
-            to_dict(self.cfg), self.cfg.output.rstrip("/"), self.cfg.name, self.layout[i], self.storage_options)
+            to_dict(self.cfg), self.cfg.output.rstrip("/"), self.cfg.name, self.layout[i], self.storage_options,
+            recorded_hardware=recorded, allow_device_change=self.run.allow_device_change)
         if self.stopping:
             self.actors[i].request_stop.remote()
         self._advance(i)
 
     def _advance(self, i: int) -> None:
         self.pending[self.actors[i].advance.remote(self.chunk)] = i
+
+    def _note_hardware(self, i: int, res: dict) -> None:
+        """Record actor ``i``'s hardware and memory plan; report an allowed change of device class once."""
+        before = self.hardware.get(str(i), {}).get("device_class")
+        self.hardware[str(i)] = res["hardware"]
+        self.memory_plans[str(i)] = {**res["memory_plan"], "micro_batch_used": res["micro_batch"]}
+        if res["device_note"] and before != res["hardware"]["device_class"]:
+            print(f"[mmgm pool] actor {i}: {res['device_note']}", file=sys.stderr, flush=True)
+            self.device_changes.append({"actor": i, "from": before, "to": res["hardware"]["device_class"]})
+
+    def _hardware_record(self) -> dict:
+        first = self.hardware.get("0") or next(iter(self.hardware.values()), {})
+        return {"device_class": first.get("device_class"), "device_type": first.get("device_type"),
+                "actors": dict(self.hardware), "changes": self.device_changes}
 
     def _fold(self, blocks: dict, divergence_events: list[dict]) -> None:
         for b, e in blocks.items():
@@ -340,7 +392,8 @@ class PoolDriver:
         self.progress.show(self.snapshot)
         if new_results and time.perf_counter() - self._last_manifest > 2.0:
             update_manifest(self.run.store, blocks=dict(self.entries), pool_progress=self.snapshot,
-                            divergence_events=self._divergence_list())
+                            divergence_events=self._divergence_list(), hardware=self._hardware_record(),
+                            memory_plans=self.memory_plans)
             self._last_manifest = time.perf_counter()
 
     def _snapshot(self) -> dict:
@@ -374,7 +427,8 @@ class PoolDriver:
         self.progress.show(self.snapshot, final=True)
         sync_manifest_from_checkpoints(self.run.store, [b for g in self.layout for b in g])
         return update_manifest(self.run.store, status=status, pool_progress=self.snapshot,
-                               divergence_events=self._divergence_list(), error=error)
+                               divergence_events=self._divergence_list(), error=error,
+                               hardware=self._hardware_record(), memory_plans=self.memory_plans)
 
     def summary(self, status: str, man: dict, hard_interrupt: bool) -> dict:
         last = self._last_results()
@@ -396,14 +450,17 @@ class PoolDriver:
 
 def run_pool(cfg: RunConfig, resume: bool = False, *, storage_options: Optional[dict] = None,
              progress: bool = True, on_progress: Optional[Callable[[PoolDriver], None]] = None,
-             runtime_env: Optional[dict] = None, poll_s: float = 0.2, stop_timeout_s: float = 300.0) -> dict:
+             runtime_env: Optional[dict] = None, poll_s: float = 0.2, stop_timeout_s: float = 300.0,
+             allow_device_change: bool = False) -> dict:
     """Run (or resume) the sampling run ``cfg`` on a pool of Ray chain actors; return a summary.
 
     The run lives at ``cfg.run_dir`` (local path or fsspec URL; ``storage_options`` for the file
     system, passed to the actors too). ``resume=False`` refuses an existing run; ``resume=True``
     needs one and continues it from its block checkpoints (same layout, same rows, bitwise). Needs
     Ray started (``mmgm_ray.cluster.ensure_ray``). ``on_progress(driver)`` is called after every
-    wait round; raising KeyboardInterrupt in it acts like Ctrl-C.
+    wait round; raising KeyboardInterrupt in it acts like Ctrl-C. A resume on another device class
+    than the run recorded raises ``hardware.DeviceChangeError`` (a ValueError) unless
+    ``allow_device_change`` (then the rows differ from an uninterrupted run from there on).
 
     Returns {run_id, url, status ('done' | 'interrupted'), chains, num_steps, min_step, rows,
     samples, divergences, wall_s, chain_steps_per_s, restarts, replacements, model_hash, ...}.
@@ -412,7 +469,8 @@ def run_pool(cfg: RunConfig, resume: bool = False, *, storage_options: Optional[
     each case before any existing file is modified.
     """
     require_ray("run_pool")
-    driver = PoolDriver(open_sampling_run(cfg, resume, storage_options), storage_options=storage_options,
+    driver = PoolDriver(open_sampling_run(cfg, resume, storage_options, allow_device_change),
+                        storage_options=storage_options,
                         runtime_env=runtime_env, progress=progress, stop_timeout_s=stop_timeout_s)
     status, error, hard = "running", None, False
     try:

@@ -62,7 +62,8 @@ def _is_image(shape: tuple) -> bool:
 def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: Optional[int] = None,
                      burn_in: Optional[int] = None, thin: Optional[int] = None, sample_dtype: str = "float32",
                      png_dir: Optional[str] = None, png_limit: int = 1000, grid: Optional[str] = None,
-                     resume: bool = False, storage_options: Optional[dict] = None, progress: bool = True) -> dict:
+                     resume: bool = False, storage_options: Optional[dict] = None, progress: bool = True,
+                     allow_device_change: bool = False) -> dict:
     """Run the chains of ``cfg`` on the pool and write ``num_samples`` kept jumps as a Parquet data set.
 
     Args:
@@ -75,6 +76,7 @@ def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: 
         png_dir: also write one PNG per sample (at most ``png_limit``) for image-shaped samples.
         grid: also write a PNG grid of the first 64 samples (image-shaped samples only).
         resume: continue an interrupted generation run.
+        allow_device_change: resume on another device class than the run recorded (``run_pool``).
 
     Returns the pool summary plus {dataset, num_samples, written, burn_in, thin, pngs, grid}; when
     the pool was interrupted, ``status='interrupted'`` and no data set is written.
@@ -84,7 +86,8 @@ def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: 
     run_cfg.pool.num_steps = p["num_steps"]
     run_cfg.generate.num_samples, run_cfg.generate.burn_in, run_cfg.generate.thin = (
         p["num_samples"], p["burn_in"], p["thin"])
-    summary = run_pool(run_cfg, resume=resume, storage_options=storage_options, progress=progress)
+    summary = run_pool(run_cfg, resume=resume, storage_options=storage_options, progress=progress,
+                       allow_device_change=allow_device_change)
     summary.update({k: p[k] for k in ("num_samples", "burn_in", "thin")})
     if summary["status"] != "done":
         return summary
