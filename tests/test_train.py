@@ -78,7 +78,7 @@ def test_loss_falls_on_digits(tmp_path):
 
 def test_loop_is_deterministic_and_local_resume_is_exact(tmp_path):
     """Same seed -> same curve; stopping at a checkpoint and resuming gives the same curve."""
-    a = train_local(tiny_cfg(tmp_path, "train.steps=20", "name=a", "train.preview.chains=0"), progress=False)
+    train_local(tiny_cfg(tmp_path, "train.steps=20", "name=a", "train.preview.chains=0"), progress=False)
     cfg_b = tiny_cfg(tmp_path, "train.steps=10", "name=b", "train.preview.chains=0")
     first = train_local(cfg_b, progress=False)
     assert first.step == 10
