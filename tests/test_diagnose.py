@@ -380,3 +380,6 @@ def test_ray_reductions_equal_in_process_on_the_committed_view(ray_session, tmp_
     assert_same_figures(local, remote)                            # every R-hat/ESS figure, to 1e-12
     again = diagnose(url, req, window=window, executor="local", rebuild=True, progress=False)
     assert_same_figures(again, remote)                            # the Ray-written table, read here
+    # the actor pool of Functionals (the GPU layout) writes the same table
+    actors = diagnose(url, req, window=window, executor="ray", actors=True, rebuild=True, progress=False)
+    assert_same_figures(actors, remote)

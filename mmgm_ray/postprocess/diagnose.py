@@ -71,20 +71,22 @@ def _meta(view: CommittedView, layout: Layout, update, window: Window) -> dict:
 def diagnose(run_url: str, request: Optional[FunctionalsRequest] = None, *, window: Window = Window(),
              executor: str = "ray", rhat_threshold: float = 1.01, min_ess: float = 400.0, superchain_size: int = 16,
              rebuild: bool = False, num_gpus: float = 0.0, concurrency: Optional[int] = None,
-             cache_dir: Optional[str] = None, storage_options: Optional[dict] = None, progress: bool = True) -> dict:
+             actors: Optional[bool] = None, cache_dir: Optional[str] = None, storage_options: Optional[dict] = None,
+             progress: bool = True) -> dict:
     """The mixing report of a run (JSON-able dict; :func:`mmgm_ray.diagnostics.mixing.mixing_report`
     documents its keys and flags), with ``functionals`` (what the table pass did), ``classifier``
     (held-out accuracy) and ``pca`` sections.
 
     ``request``: the functionals (default :func:`run_request` of the run: scalars, 4 principal
     components of the recorded data set, 4 random projections); ``window``: burn-in and caps;
-    ``executor``: ``"ray"`` (the cluster this process joined) or ``"local"``; ``superchain_size``:
-    chains per superchain of nested R-hat (0: off). One-line ValueError for a path without a run or
-    a run with nothing committed, before anything is written."""
+    ``executor``: ``"ray"`` (the cluster this process joined) or ``"local"``; ``num_gpus``,
+    ``concurrency``, ``actors``: the functionals pass on Ray (:func:`update_table`);
+    ``superchain_size``: chains per superchain of nested R-hat (0: off). One-line ValueError for a
+    path without a run or a run with nothing committed, before anything is written."""
     view = open_committed(run_url, storage_options)
     request = request if request is not None else run_request(view)
     update = update_table(view, request, executor=executor, rebuild=rebuild, num_gpus=num_gpus,
-                          concurrency=concurrency, cache_dir=cache_dir, progress=progress)
+                          concurrency=concurrency, actors=actors, cache_dir=cache_dir, progress=progress)
     table = update.table
     layout = table_layout(table, window, executor=executor, progress=progress)
     entries, transitions = {}, None

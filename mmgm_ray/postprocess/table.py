@@ -281,22 +281,24 @@ def _write_local(view: CommittedView, fn: Functionals, fs, seg_path: str, stage:
 
 
 def _write_ray(view: CommittedView, spec: FunctionalsSpec, blobs: dict, seg_path: str, stage: Stage,
-               num_gpus: float, concurrency: Optional[int]) -> None:
+               num_gpus: float, concurrency: Optional[int], actors: bool) -> None:
     """The pass on the cluster through Ray Data, the workers writing the segment's files (never
-    through this process). On CPUs the map is a task fused with the Parquet read and the write
+    through this process). By default the map is a task fused with the Parquet read and the write
     (:func:`functionals_batch`, one :class:`Functionals` per worker process): the samples never
-    cross the object store, only their functionals (~1/20 of the bytes) are written. With GPUs it
-    is an actor pool of :class:`Functionals` holding the classifier on its device."""
+    cross the object store, only their functionals (~1/20 of the bytes) are written. With
+    ``actors`` (the default with GPUs) it is an actor pool of :class:`Functionals`, each holding
+    the classifier on its device for the whole pass."""
     require_ray("the functionals pass on Ray")
     bundle = {"CPU": 1.0, **({"GPU": float(num_gpus)} if num_gpus else {})}
     ensure_resources(ResourceRequest.uniform(1, bundle, what="diagnose functionals (one map_batches worker)"))
     kwargs = {"spec": spec.to_dict(), "artifacts": blobs, "device": "cuda" if num_gpus else "cpu"}
-    if num_gpus:
-        size = concurrency or max(1, int(ray.cluster_resources().get("GPU", 1) // num_gpus))
-        how = {"fn": Functionals, "fn_constructor_kwargs": kwargs, "num_gpus": num_gpus,
+    if actors:
+        res = ray.cluster_resources()
+        size = concurrency or max(1, int(res.get("GPU", 0) // num_gpus if num_gpus else res.get("CPU", 1)))
+        how = {"fn": Functionals, "fn_constructor_kwargs": kwargs, "num_gpus": num_gpus or None,
                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=size)}
     else:
-        how = {"fn": functionals_batch, "fn_kwargs": kwargs, "concurrency": concurrency}
+        how = {"fn": functionals_batch, "fn_kwargs": kwargs, "concurrency": concurrency, "num_gpus": num_gpus or None}
     ctx = ray.data.DataContext.get_current()
     bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False
     try:
@@ -322,14 +324,14 @@ def _segment_files(fs, table_path: str, seg: str) -> tuple[list, int]:
 
 
 def _write_segment(view: CommittedView, new: list, spec: FunctionalsSpec, blobs: dict, fs, table_path: str, *,
-                   executor: str, num_gpus: float, concurrency: Optional[int], progress: bool) -> dict:
+                   executor: str, num_gpus: float, concurrency: Optional[int], actors: bool, progress: bool) -> dict:
     fs_run_path = fsutil.resolve(view.run_url, view.storage_options)[1]
     sub = dataclasses.replace(view, files=tuple(posixpath.join(fs_run_path, r) for r in new))
     seg = f"seg-{uuid.uuid4().hex[:12]}"
     seg_path = posixpath.join(table_path, seg)
     if executor == "ray":
         with Stage("functionals (Ray Data)", total=len(new), unit="parts", enabled=progress) as stage:
-            _write_ray(sub, spec, blobs, seg_path, stage, num_gpus, concurrency)
+            _write_ray(sub, spec, blobs, seg_path, stage, num_gpus, concurrency, actors)
     else:
         fs.makedirs(seg_path, exist_ok=True)
         with Stage("functionals (in process)", unit="rows", enabled=progress) as stage:
@@ -380,13 +382,13 @@ def _remove_unreferenced(fs, table_path: str, index: dict) -> None:
 
 def update_table(view: CommittedView, request: FunctionalsRequest, *, executor: str = "ray",
                  rebuild: bool = False, num_gpus: float = 0.0, concurrency: Optional[int] = None,
-                 cache_dir: Optional[str] = None, progress: bool = True) -> TableUpdate:
+                 actors: Optional[bool] = None, cache_dir: Optional[str] = None, progress: bool = True) -> TableUpdate:
     """Bring the run's functionals table up to the committed view ``view`` and return it.
 
-    ``executor="ray"``: the pass runs on the cluster this process joined (Ray Data, an actor pool
-    of at most ``concurrency`` actors, default one per cluster CPU, each with ``num_gpus``);
-    ``"local"``: in this process. Only parts no segment covers are read; see the module docstring
-    for when the table is rebuilt instead."""
+    ``executor="ray"``: the pass runs on the cluster this process joined (Ray Data; at most
+    ``concurrency`` workers at once; ``num_gpus`` per worker; ``actors``: an actor pool instead of
+    tasks fused with the read, default with GPUs); ``"local"``: in this process. Only parts no
+    segment covers are read; see the module docstring for when the table is rebuilt instead."""
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
     fs, run_path, table_path = _table_location(view.run_url, view.storage_options)
@@ -410,7 +412,8 @@ def update_table(view: CommittedView, request: FunctionalsRequest, *, executor: 
             fsutil.atomic_write_bytes(fs, full, blob)
     if new:
         seg = _write_segment(view, new, spec, blobs, fs, table_path, executor=executor, num_gpus=num_gpus,
-                             concurrency=concurrency, progress=progress)
+                             concurrency=concurrency, actors=bool(num_gpus) if actors is None else actors,
+                             progress=progress)
         seg["sources"] = [{"file": r, "size": sources[r]} for r in new]
         segments.append(seg)
         rows = seg["rows"]
