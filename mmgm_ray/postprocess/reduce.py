@@ -175,13 +175,14 @@ def _run(calls: list, executor: str, name: str, progress: bool, memory: float = 
             return out
         require_ray(f"the {name} on Ray")
         _check_feasible({"CPU": 1.0, **({"memory": float(memory)} if memory else {})}, f"diagnose {name} (one task)")
-        shared = {}
-        refs = []
+        refs, remotes, stored = [], {}, {}
         for fn, args in calls:
-            # the table and layout go to the object store once, not once per task
-            put = tuple(shared.setdefault(id(a), ray.put(a)) if isinstance(a, (FunctionalsTable, Layout)) else a
-                        for a in args)
-            refs.append(ray.remote(fn).options(num_cpus=1, memory=memory or None, max_retries=1).remote(*put))
+            for a in args:  # the table and layout go to the object store once, not once per task
+                if isinstance(a, (FunctionalsTable, Layout)) and id(a) not in stored:
+                    stored[id(a)] = ray.put(a)
+            if fn not in remotes:
+                remotes[fn] = ray.remote(fn).options(num_cpus=1, memory=memory or None, max_retries=1)
+            refs.append(remotes[fn].remote(*(stored.get(id(a), a) for a in args)))
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)

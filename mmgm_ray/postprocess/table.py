@@ -258,26 +258,22 @@ def resolve_spec(view: CommittedView, request: FunctionalsRequest, old: Optional
 def _write_local(view: CommittedView, fn: Functionals, fs, seg_path: str, stage: Stage) -> None:
     """The pass in this process: the same batches through the same callable, files of at most
     ``ROWS_PER_FILE`` rows, each written atomically."""
-    buf: list = []
-    count = [0, 0]  # rows buffered, files written
+    def files():
+        buf, rows = [], 0
+        for b in view.batches(INPUT_COLUMNS, filter=pc.field("diverged") == False,  # noqa: E712
+                              batch_rows=MAP_BATCH_ROWS):
+            buf.append(pa.table(fn(b)))
+            rows += buf[-1].num_rows
+            stage.update(buf[-1].num_rows)
+            if rows >= ROWS_PER_FILE:
+                yield pa.concat_tables(buf)
+                buf, rows = [], 0
+        if buf:
+            yield pa.concat_tables(buf)
 
-    def flush():
-        table = pa.concat_tables(buf)
-        path = posixpath.join(seg_path, f"part-{count[1]:06d}.parquet")
-        fsutil.atomic_write(fs, path, lambda f: pq.write_table(table, f, compression="zstd"))
-        buf.clear()
-        count[0] = 0
-        count[1] += 1
-
-    for b in view.batches(INPUT_COLUMNS, filter=pc.field("diverged") == False, batch_rows=MAP_BATCH_ROWS):  # noqa: E712
-        out = pa.table(fn(b))
-        buf.append(out)
-        count[0] += out.num_rows
-        stage.update(out.num_rows)
-        if count[0] >= ROWS_PER_FILE:
-            flush()
-    if buf:
-        flush()
+    for i, table in enumerate(files()):
+        fsutil.atomic_write(fs, posixpath.join(seg_path, f"part-{i:06d}.parquet"),
+                            lambda f, t=table: pq.write_table(t, f, compression="zstd"))
 
 
 def _write_ray(view: CommittedView, spec: FunctionalsSpec, blobs: dict, seg_path: str, stage: Stage,
