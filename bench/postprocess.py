@@ -91,7 +91,7 @@ class ProcMonitor:
     descendant (last sample per process; a process that exits loses at most one interval)."""
 
     def __init__(self, every: float = 0.1):
-        import psutil
+        import psutil  # Ray's own copy (ray/thirdparty_files, on sys.path once ray is imported)
         self.psutil, self.every, self.peak = psutil, every, 0
         self.cpu: dict = {}
         self._stop = threading.Event()
@@ -213,7 +213,8 @@ def main() -> int:
     runs = {}
     for j in (args.jumps, 4 * args.jumps):
         t = time.perf_counter()
-        runs[j] = existing_store(root, f"store-{j}", args.chains * j) or write_store(root, f"store-{j}", args.chains, j)
+        name = f"store-{j}"
+        runs[j] = existing_store(root, name, args.chains * j) or write_store(root, name, args.chains, j)
         print(f"store {args.chains} x {j}: ready in {time.perf_counter() - t:.1f} s", flush=True)
         for name in ("local", "ray"):
             m = run_role(runs[j], name, args.cpus)

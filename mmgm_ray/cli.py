@@ -290,7 +290,7 @@ def _add_diagnose(sub) -> None:
                    help="chains per superchain (consecutive ids) for nested R-hat; 0 = off")
     p.add_argument("--classes", default=None, metavar="DATASET",
                    help="labelled data set (digits, mnist, ...) whose trained classifier labels each jump "
-                        "(class transitions); cached per data set")
+                        "(class transitions; cached per data set); also the data of the principal components")
     p.add_argument("--data", default=None, metavar="DATASET",
                    help="data set for the principal components (default: the run's recorded data config)")
     p.add_argument("--data-path", default=None, help="path for --classes / --data sets that need one")

@@ -98,8 +98,9 @@ def stage_diagnose(scfg: RunConfig, data: ImageDataset, progress: bool) -> dict:
     view = open_committed(scfg.run_dir)
     request = run_request(view, data=to_dict(scfg.data), classes=data.labels is not None)
     n_jumps = scfg.pool.num_steps // scfg.sampler.jump_every
+    # the classifier gets GPUs when sampling had them
     diag = diagnose(scfg.run_dir, request, window=Window(burn_in=n_jumps // 2), rhat_threshold=1.05,
-                    progress=progress)
+                    num_gpus=scfg.pool.gpus_per_actor, progress=progress)
     _log(f"mixing over {diag.get('chains')} chains: max R-hat {diag.get('max_rhat')}, min bulk ESS "
          f"{diag.get('min_ess_bulk')}; flags: {diag.get('flags') or 'none'}", progress)
     return diag

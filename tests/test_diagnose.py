@@ -207,6 +207,20 @@ def test_diagnose_in_process_report_flags_and_cli(tmp_path, capsys):
     assert "mixing ok" in capsys.readouterr().out
 
 
+def test_job_script_runs_the_cli(tmp_path):
+    import subprocess
+    import sys
+    run = write_run(tmp_path, "run", np.full(8, 0.5), 12, seed=3)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "jobs", "diagnose.py"), run, "--local", "--json",
+                           "--stats", "mean_intensity"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rep["chains"] == 8 and rep["draws"] == 12 and set(rep["stats"]) == {"mean_intensity"}
+    assert "[mmgm] functionals (in process): done 96 rows" in proc.stderr   # a progress line per stage
+    assert "[mmgm] reductions: done 1/1 tasks" in proc.stderr
+
+
 def test_arviz_export_gives_the_same_figures(tmp_path, capsys):
     import arviz as az
     from mmgm_ray.cli import main
@@ -288,6 +302,8 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, capsys):
     assert not os.path.exists(f"{store.url}/functionals")
 
     run = write_run(tmp_path, "run", np.full(10, 0.5), 20, seed=4)
+    with pytest.raises(ValueError, match="no functionals table yet; run `mmgm diagnose"):
+        load_functionals(run)
     ref = diagnose(run, executor="local", progress=False)
     capsys.readouterr()
     index = f"{run}/functionals/index.json"
@@ -344,13 +360,17 @@ def test_classifier_on_digits_beats_nearest_means_and_is_a_checked_artifact(tmp_
     with torch.no_grad():
         acc = (model(ds.x[ho]).argmax(1) == ds.labels[ho]).double().mean().item()
     assert acc == pytest.approx(meta["accuracy"])
-    # a second call loads the cache; a corrupt cache is retrained (one line says so)
+    # a second call loads the cache; a corrupt cache is retrained (one line says so): a cheap config
     assert cached_classifier(DIGITS, cfg, cache)[0] == blob
+    quick = ClassifierConfig(epochs=2)
+    cached_classifier(DIGITS, quick, cache)
+    (path,) = set(glob.glob(f"{cache}/classifier-*.pt")) - {path}
     with open(path, "r+b") as f:
         f.seek(200)
         f.write(b"\x00\x01\x02")
-    blob2, meta2 = cached_classifier(DIGITS, cfg, cache)
-    assert "does not match its sha256" in capsys.readouterr().err and meta2["accuracy"] >= 0.95
+    blob2, meta2 = cached_classifier(DIGITS, quick, cache)
+    assert "does not match its sha256" in capsys.readouterr().err
+    assert open(path + ".sha256").read() == sha256_bytes(open(path, "rb").read()) == sha256_bytes(blob2)
     with pytest.raises(ValueError, match="not a classifier artifact"):
         classifier_from_bytes(b"garbage", "x.pt")
     spec = FunctionalsSpec(FunctionalsRequest(n_random=0, data=DIGITS, classes=True), (1, 8, 8), "uint8",

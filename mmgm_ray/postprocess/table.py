@@ -62,7 +62,7 @@ TABLE_DIR = "functionals"
 INDEX_NAME = "index.json"
 TABLE_FORMAT = "mmgm.functionals_table"
 TABLE_VERSION = 1
-ROWS_PER_FILE = 1 << 17      # in-process segments: rows per Parquet file (~20 MB of functionals)
+ROWS_PER_FILE = 1 << 16      # in-process segments: rows per Parquet file (~5 MB of functionals)
 MAP_BATCH_ROWS = 8192        # rows per batch in this process (Functionals slices them further)
 _LOW_MEMORY = {"batch_readahead": 1, "fragment_readahead": 1}
 MISSING = "no functionals table yet"
@@ -256,8 +256,8 @@ def resolve_spec(view: CommittedView, request: FunctionalsRequest, old: Optional
 # ---- segments ------------------------------------------------------------------------------------
 
 def _write_local(view: CommittedView, fn: Functionals, fs, seg_path: str, stage: Stage) -> None:
-    """The pass in this process: the same batches through the same callable, files of at most
-    ``ROWS_PER_FILE`` rows, each written atomically."""
+    """The pass in this process: the same batches through the same callable, files of about
+    ``ROWS_PER_FILE`` rows (one row group per batch), each written atomically."""
     def files():
         buf, rows = [], 0
         for b in view.batches(INPUT_COLUMNS, filter=pc.field("diverged") == False,  # noqa: E712
@@ -266,14 +266,18 @@ def _write_local(view: CommittedView, fn: Functionals, fs, seg_path: str, stage:
             rows += buf[-1].num_rows
             stage.update(buf[-1].num_rows)
             if rows >= ROWS_PER_FILE:
-                yield pa.concat_tables(buf)
+                yield buf
                 buf, rows = [], 0
         if buf:
-            yield pa.concat_tables(buf)
+            yield buf
 
-    for i, table in enumerate(files()):
-        fsutil.atomic_write(fs, posixpath.join(seg_path, f"part-{i:06d}.parquet"),
-                            lambda f, t=table: pq.write_table(t, f, compression="zstd"))
+    def write(f, tables):
+        with pq.ParquetWriter(f, tables[0].schema, compression="zstd") as w:
+            for t in tables:
+                w.write_table(t)
+
+    for i, tables in enumerate(files()):
+        fsutil.atomic_write(fs, posixpath.join(seg_path, f"part-{i:06d}.parquet"), lambda f, t=tables: write(f, t))
 
 
 def _write_ray(view: CommittedView, spec: FunctionalsSpec, blobs: dict, seg_path: str, stage: Stage,
