@@ -17,9 +17,9 @@ the in-process loop others, and rank-normalized R-hat turns a one-ulp difference
 tied jumps into a visible one. So the linear functionals are computed EXACTLY: directions are
 stored on a 2^-20 grid, uint8 samples enter as their integer codes, float samples as 24-bit
 integers relative to the row's largest power of two (split into two 12-bit halves); every product
-and partial sum is then an integer multiple of a power of two below 2^53, which float64 holds
-exactly in any summation order, BLAS or machine. The one rounding left is the final scaling,
-done row by row. The classifier (float32 network) runs on fixed-size zero-padded chunks, so every
+and partial sum is then an integer multiple of a power of two below 2^53 (for events of fewer
+than 2^21 values, e.g. 1024 x 682 x 3), which float64 holds exactly in any summation order, BLAS
+or machine. The one rounding left is the final scaling, done row by row. The classifier (float32 network) runs on fixed-size zero-padded chunks, so every
 call sees the same shapes and kernels.
 """
 from __future__ import annotations

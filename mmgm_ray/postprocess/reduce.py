@@ -61,29 +61,17 @@ class Layout:
     draws: int
 
 
-def _window_filter(window: Window) -> pc.Expression:
-    expr = pc.field("jump_index") >= int(window.burn_in)
-    if window.max_draws is not None:
-        expr = expr & (pc.field("jump_index") < int(window.burn_in) + int(window.max_draws))
-    return expr
-
-
 def partial_layout(table: FunctionalsTable, window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Over ``table``'s files: (chain ids, rows in the window per chain, last jump per chain)."""
-    ids, counts, lasts = [], [], []
+    """Over ``table``'s files: (chain ids, rows in the window per chain, last jump per chain),
+    folded batch by batch so the task holds a few entries per chain whatever the table's size."""
+    acc = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
     lo, hi = int(window.burn_in), None if window.max_draws is None else int(window.burn_in) + int(window.max_draws)
     for b in table.batches(["chain_id", "jump_index"]):
         ch, jp = b.column("chain_id").to_numpy(), b.column("jump_index").to_numpy()
-        u, inv = np.unique(ch, return_inverse=True)
         inside = (jp >= lo) & (jp < hi if hi is not None else True)
-        last = np.full(u.size, -1, np.int64)
-        np.maximum.at(last, inv, jp)
-        ids.append(u)
-        counts.append(np.bincount(inv, weights=inside, minlength=u.size).astype(np.int64))
-        lasts.append(last)
-    if not ids:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return _combine(np.concatenate(ids), np.concatenate(counts), np.concatenate(lasts))
+        acc = _combine(np.concatenate([acc[0], ch]), np.concatenate([acc[1], inside.astype(np.int64)]),
+                       np.concatenate([acc[2], jp]))
+    return acc
 
 
 def _combine(ids: np.ndarray, counts: np.ndarray, lasts: np.ndarray) -> tuple:
