@@ -263,7 +263,6 @@ def _sample(root, steps):
     return store.url
 
 
-@pytest.mark.slow
 def test_incremental_pass_reads_only_new_parts(tmp_path):
     url = _sample(tmp_path, 40)
     first = diagnose(url, executor="local", progress=False)
@@ -304,6 +303,13 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, capsys):
     run = write_run(tmp_path, "run", np.full(10, 0.5), 20, seed=4)
     with pytest.raises(ValueError, match="no functionals table yet; run `mmgm diagnose"):
         load_functionals(run)
+    gmm = {"name": "gmm", "gmm_samples": 100}                     # 2-d data for 16-d samples
+    with pytest.raises(ValueError, match=r"principal components: data set 'gmm' has events of shape \[2\]"):
+        diagnose(run, FunctionalsRequest(n_pcs=2, data=gmm), executor="local", progress=False)
+    with pytest.raises(ValueError, match="principal components: cannot load the data set 'mnist'.*--pcs 0"):
+        diagnose(run, FunctionalsRequest(n_pcs=2, data={"name": "mnist", "path": str(tmp_path / "none")}),
+                 executor="local", progress=False)
+    assert not os.path.exists(f"{run}/functionals")
     ref = diagnose(run, executor="local", progress=False)
     capsys.readouterr()
     index = f"{run}/functionals/index.json"

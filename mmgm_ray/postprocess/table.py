@@ -205,7 +205,11 @@ def _reusable(fs, run_path: str, old: Optional[FunctionalsSpec], key: str, same:
 
 
 def _load_data(request: FunctionalsRequest, d: int, what: str):
-    dataset = load_dataset(from_dict(DataConfig, request.data))
+    try:
+        dataset = load_dataset(from_dict(DataConfig, request.data))
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{what}: cannot load the data set {request.data.get('name')!r} ({e}); name one that "
+                         "loads here (mmgm diagnose --data/--data-path) or ask for none (--pcs 0)") from None
     if int(np.prod(dataset.event_shape)) != d:
         raise ValueError(f"{what}: data set {request.data.get('name')!r} has events of shape "
                          f"{list(dataset.event_shape)}, the run's samples have {d} values")
@@ -221,7 +225,10 @@ def _pca_artifact(request: FunctionalsRequest, d: int) -> tuple[dict, bytes]:
 
 
 def _classifier_artifact(request: FunctionalsRequest, d: int, cache_dir: Optional[str]) -> tuple[dict, bytes]:
-    blob, meta = cached_classifier(request.data, ClassifierConfig(**request.classifier), cache_dir)
+    try:
+        blob, meta = cached_classifier(request.data, ClassifierConfig(**request.classifier), cache_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"classes: no classifier for the data set {request.data.get('name')!r} ({e})") from None
     if int(np.prod(meta["event_shape"])) != d:
         raise ValueError(f"classes: data set {request.data.get('name')!r} has events of shape "
                          f"{meta['event_shape']}, the run's samples have {d} values")
