@@ -243,38 +243,74 @@ def _add_generate(sub) -> None:
 
 # ---- diagnose: mixing over a run's store ------------------------------------------------------
 
-def _cmd_diagnose(args: argparse.Namespace) -> int:
-    from mmgm_ray.config import DataConfig
-    from mmgm_ray.diagnostics.store_stats import diagnose, format_report, nearest_mean_classifier
+def _diagnose_data(args: argparse.Namespace) -> Optional[dict]:
+    """The data set named by --classes / --data (with --data-path, --data-limit), as a DataConfig dict."""
+    from mmgm_ray.config import DataConfig, to_dict
 
-    classifier, reference = None, None
-    if args.classes:
-        classifier, reference = nearest_mean_classifier(
-            DataConfig(name=args.classes, path=args.data_path, limit=args.class_limit))
+    name = args.classes or args.data
+    if name is None:
+        return None
+    return to_dict(from_dict(DataConfig, {"name": name, "path": args.data_path, "limit": args.data_limit}))
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from mmgm_ray.diagnostics.mixing import format_report
+    from mmgm_ray.postprocess import Window, diagnose, export_functionals, open_committed, run_request
+
+    opts = _storage_options(args.storage_options)
     stats = tuple(s.strip() for s in args.stats.split(",") if s.strip())
-    rep = diagnose(args.run, stats=stats, n_projections=args.projections, classifier=classifier,
-                   reference=reference, burn_in=args.burn_in, max_draws=args.max_draws,
-                   max_chains=args.max_chains, rhat_threshold=args.rhat_threshold, min_ess=args.min_ess)
+    window = Window(args.burn_in, args.max_draws, args.max_chains)
+    request = run_request(open_committed(args.run, opts), stats, n_random=args.projections, n_pcs=args.pcs,
+                          seed=args.seed, data=_diagnose_data(args), classes=bool(args.classes))
+    if args.arviz and not args.arviz.endswith(".nc"):
+        raise ValueError(f"--arviz writes netCDF: the path must end in .nc, got {args.arviz!r}")
+    executor = "local" if args.local else "ray"
+    if not args.local:
+        _start_ray(args)
+    rep = diagnose(args.run, request, window=window, executor=executor, rhat_threshold=args.rhat_threshold,
+                   min_ess=args.min_ess, superchain_size=args.superchain_size, rebuild=args.rebuild,
+                   num_gpus=args.num_gpus, storage_options=opts, progress=not args.no_progress)
+    if args.arviz:
+        rep["arviz"] = export_functionals(args.run, args.arviz, window=window, storage_options=opts)
     print(json.dumps(rep) if args.json else format_report(rep))
     return 0
 
 
 def _add_diagnose(sub) -> None:
-    p = sub.add_parser("diagnose", help="R-hat / ESS / class transitions of a run, read from its sample store")
+    p = sub.add_parser("diagnose", help="R-hat / ESS / class transitions of a run, read from its sample store "
+                                        "(on Ray by default; --local in this process)")
     p.add_argument("run", help="run folder or URL ({root}/{run_id})")
+    _ray_args(p)
+    p.add_argument("--local", action="store_true", help="compute in this process without Ray")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--stats", default="score_norm,kinetic,mean_intensity,proj",
-                   help="per-jump scalars: score_norm, kinetic, mean_intensity, proj (comma-separated)")
+    p.add_argument("--stats", default="score_norm,kinetic,mean_intensity,pc,proj",
+                   help="per-jump functionals: score_norm, kinetic, mean_intensity, pc (principal components "
+                        "of the data), proj (random projections); comma-separated")
     p.add_argument("--projections", type=int, default=4, help="random projections for 'proj'")
+    p.add_argument("--pcs", type=int, default=4, help="principal components for 'pc' (needs a data set: the "
+                                                      "run's recorded one, or --data)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random projection directions")
     p.add_argument("--burn-in", type=int, default=0, help="skip jumps with jump_index below this")
     p.add_argument("--max-draws", type=int, default=None, help="use at most this many jumps per chain")
     p.add_argument("--max-chains", type=int, default=None, help="use the first N chains")
     p.add_argument("--rhat-threshold", type=float, default=1.01, help="flag R-hat above this")
     p.add_argument("--min-ess", type=float, default=400.0, help="flag bulk/tail ESS below this")
-    p.add_argument("--classes", default=None,
-                   help="data set (digits, mnist, ...) whose class means label each jump (transitions)")
-    p.add_argument("--data-path", default=None, help="path for --classes data sets that need one")
-    p.add_argument("--class-limit", type=int, default=None, help="use the first N examples for class means")
+    p.add_argument("--superchain-size", type=int, default=16,
+                   help="chains per superchain (consecutive ids) for nested R-hat; 0 = off")
+    p.add_argument("--classes", default=None, metavar="DATASET",
+                   help="labelled data set (digits, mnist, ...) whose trained classifier labels each jump "
+                        "(class transitions; cached per data set); also the data of the principal components")
+    p.add_argument("--data", default=None, metavar="DATASET",
+                   help="data set for the principal components (default: the run's recorded data config)")
+    p.add_argument("--data-path", default=None, help="path for --classes / --data sets that need one")
+    p.add_argument("--data-limit", "--class-limit", dest="data_limit", type=int, default=None,
+                   help="use the first N examples of --classes / --data")
+    p.add_argument("--rebuild", action="store_true", help="recompute the functionals table from scratch")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per functionals worker (the classifier)")
+    p.add_argument("--arviz", default=None, metavar="PATH.nc",
+                   help="also write the functionals as ArviZ InferenceData (netCDF)")
+    p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec storage options for the store")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=_cmd_diagnose)
 
 

@@ -10,8 +10,8 @@ measured before it.
 2. :func:`stage_sample`: run the chain pool (``mmgm_ray.pool``) from the EMA artifact, every jump
    streamed to the store at ``{output}/{name}-samples``; an interrupted sampling run resumes, a
    finished one is reused.
-3. :func:`stage_diagnose`: mixing over the store (rank R-hat, bulk/tail ESS; class transitions
-   with a nearest-class-mean classifier when the data are labelled).
+3. :func:`stage_diagnose`: mixing over the store on the cluster (rank R-hat, bulk/tail ESS; class
+   transitions with a trained classifier when the data are labelled).
 4. :func:`stage_show`: the last jump of the first chains as ``samples.png``.
 5. :func:`stage_score`: FID of the chains' last jumps against training images, next to the FID of
    as many held-out real images against the same reference (the floor at this N: FID is biased
@@ -30,10 +30,10 @@ import torch
 from mmgm_ray.cluster import require_ray
 from mmgm_ray.config import RunConfig, from_dict, to_dict
 from mmgm_ray.data import ImageDataset
-from mmgm_ray.diagnostics import diagnose, nearest_mean_classifier
 from mmgm_ray.diagnostics.fid import InceptionFeatures, feature_stats, fid_between, fid_from_store
 from mmgm_ray.images import save_grid
 from mmgm_ray.pool import run_pool
+from mmgm_ray.postprocess import Window, diagnose, open_committed, run_request
 from mmgm_ray.store import code_version, load_manifest, read_samples
 from mmgm_ray.train.ray_train import run_ray_training
 from mmgm_ray.train.validate import RunPlan, validate_run
@@ -92,13 +92,15 @@ def stage_sample(scfg: RunConfig, progress: bool) -> dict:
 
 
 def stage_diagnose(scfg: RunConfig, data: ImageDataset, progress: bool) -> dict:
-    """Mixing diagnostics over the second half of every chain (the first half is burn-in)."""
-    kw = {}
-    if data.labels is not None:
-        classify, ref = nearest_mean_classifier(data)
-        kw = {"classifier": classify, "num_classes": len(ref), "reference": ref}
+    """Mixing diagnostics over the second half of every chain (the first half is burn-in), on the
+    cluster (``mmgm_ray.postprocess.diagnose``): principal components of the training data, and a
+    trained classifier's classes when the data are labelled."""
+    view = open_committed(scfg.run_dir)
+    request = run_request(view, data=to_dict(scfg.data), classes=data.labels is not None)
     n_jumps = scfg.pool.num_steps // scfg.sampler.jump_every
-    diag = diagnose(scfg.run_dir, burn_in=n_jumps // 2, rhat_threshold=1.05, **kw)
+    # the classifier gets GPUs when sampling had them
+    diag = diagnose(scfg.run_dir, request, window=Window(burn_in=n_jumps // 2), rhat_threshold=1.05,
+                    num_gpus=scfg.pool.gpus_per_actor, progress=progress)
     _log(f"mixing over {diag.get('chains')} chains: max R-hat {diag.get('max_rhat')}, min bulk ESS "
          f"{diag.get('min_ess_bulk')}; flags: {diag.get('flags') or 'none'}", progress)
     return diag

@@ -9,6 +9,14 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def classifier_cache(tmp_path_factory):
+    """Classifiers trained for diagnostics (mmgm_ray.diagnostics.classifier) are cached per test
+    session, not in ~/.cache/mmgm-ray."""
+    os.environ.setdefault("MMGM_CACHE", str(tmp_path_factory.mktemp("mmgm-cache")))
+    yield os.environ["MMGM_CACHE"]
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """A local Ray instance shared by the tests that need one (marked ``ray``).
