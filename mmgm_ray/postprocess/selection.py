@@ -38,7 +38,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data.aggregate import Count, Max, Sum
 from ray.data.expressions import Expr, col, lit
 
 from mmgm_ray.diagnostics.fid import jump_windows
@@ -50,7 +49,7 @@ NOT_DIVERGED = col("diverged") == lit(False)
 
 # ---- chain index: per-chain summaries, reduced on the cluster or here ------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ChainIndex:
     """Non-diverged jumps per chain: ``chain_ids`` (sorted), ``last_jump`` and ``jumps`` (row count)."""
     chain_ids: np.ndarray
@@ -85,24 +84,24 @@ def _reduce_index(table: pa.Table) -> ChainIndex:
     return ChainIndex(ids.astype(np.int64), last, jumps)
 
 
+def _partials(view: CommittedView, columns: list, where: Expr, partial, on_ray: bool) -> pa.Table:
+    """``partial`` (a small summary table of a batch) over every batch of the filtered view,
+    concatenated: Ray Data read tasks (one summary per block) or this process. A Ray Data group-by
+    would shuffle through aggregator actors (tens of seconds to start); summaries per block are
+    small enough to reduce here (about one row per chain or step and part file)."""
+    if on_ray:
+        ds = view.ray_dataset(columns, filter=where).map_batches(partial, batch_format="pyarrow", batch_size=None)
+        parts = ray.get(ds.to_arrow_refs())
+    else:
+        parts = [partial(pa.Table.from_batches([b])) for b in view.batches(columns, filter=where.to_pyarrow(),
+                                                                           batch_rows=1 << 17)]
+    parts = [t for t in parts if t.num_rows]
+    return pa.concat_tables(parts) if parts else partial(pa.table({c: pa.array([], pa.int64()) for c in columns}))
+
+
 def chain_index(view: CommittedView, on_ray: bool) -> ChainIndex:
-    """The chain index of a run, from its two integer columns: per-block partial summaries reduced by
-    a Ray Data group-by (``on_ray``) or in this process (streamed)."""
-    cols = ["chain_id", "jump_index"]
-    if not on_ray:
-        parts = [index_partial(pa.Table.from_batches([b]))
-                 for b in view.batches(cols, filter=NOT_DIVERGED.to_pyarrow(), batch_rows=1 << 17) if b.num_rows]
-        empty = pa.table({"chain_id": pa.array([], pa.int64()), "last_jump": pa.array([], pa.int64()),
-                          "jumps": pa.array([], pa.int64())})
-        return _reduce_index(pa.concat_tables(parts) if parts else empty)
-    ds = view.ray_dataset(cols, filter=NOT_DIVERGED).map_batches(index_partial, batch_format="pyarrow",
-                                                                 batch_size=None)
-    ds = ds.groupby("chain_id").aggregate(Max("last_jump", alias_name="last_jump"),
-                                          Sum("jumps", alias_name="jumps"))
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    if not tables:
-        return ChainIndex(*(np.zeros(0, np.int64) for _ in range(3)))
-    return _reduce_index(pa.concat_tables(tables).select(["chain_id", "last_jump", "jumps"]))
+    """The chain index of a run, from its two integer columns (on the cluster or in this process)."""
+    return _reduce_index(_partials(view, ["chain_id", "jump_index"], NOT_DIVERGED, index_partial, on_ray))
 
 
 # ---- FID selections ---------------------------------------------------------------------------------
@@ -133,7 +132,7 @@ def spread_group(name: str, n: int, chains: int, lo: int, hi: int) -> Group:
     return Group(name, "spread", int(n), lo, hi, grid)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FidSelection:
     """The row groups of one FID computation and the exact row test (see the module docstring)."""
     chain_ids: np.ndarray
@@ -167,8 +166,8 @@ class FidSelection:
         return valid & on_grid & (rank * cells < (p + 1) * g.n), rank
 
     def select(self, batch: pa.Table) -> pa.Table:
-        """The selected rows of a batch of (chain_id, jump_index, sample): ``sample``, ``groups``
-        (bit g set: the row is in group g) and ``rank`` (in the main group; -1 outside it)."""
+        """The selected rows of a batch of (chain_id, jump_index, sample), with two more columns:
+        ``groups`` (bit g set: the row is in group g) and ``rank`` (in the main group; -1 outside)."""
         ch = batch["chain_id"].to_numpy()
         jp = batch["jump_index"].to_numpy()
         c = self.chain_ids.size
@@ -182,7 +181,8 @@ class FidSelection:
             if gi == 0:
                 rank = np.where(hit, r, -1)
         keep = np.flatnonzero(bits)
-        return pa.table({"sample": batch["sample"].take(keep), "groups": bits[keep], "rank": rank[keep]})
+        return pa.table({"chain_id": ch[keep], "jump_index": jp[keep], "sample": batch["sample"].take(keep),
+                         "groups": bits[keep], "rank": rank[keep]})
 
 
 def _resolve_mode(select: str, n: int, chains: int) -> str:
@@ -244,21 +244,19 @@ def kept_steps(burn_in: int, thin: int, jump_every: int, max_step: int) -> list[
     return list(range(burn_in + stride, max_step + 1, stride))
 
 
+def _step_partial(batch: pa.Table) -> pa.Table:
+    steps, counts = np.unique(batch["step"].to_numpy(), return_counts=True)
+    return pa.table({"step": steps.astype(np.int64), "rows": counts.astype(np.int64)})
+
+
 def step_counts(view: CommittedView, steps: Sequence[int], on_ray: bool) -> dict[int, int]:
-    """Non-diverged rows at each of ``steps`` (a Ray Data group-by, or streamed here)."""
+    """Non-diverged rows at each of ``steps`` (on the cluster or in this process)."""
     where = NOT_DIVERGED & col("step").is_in([int(s) for s in steps])
-    if not on_ray:
-        counts: dict[int, int] = {}
-        for b in view.batches(["step"], filter=where.to_pyarrow(), batch_rows=1 << 17):
-            for s, k in zip(*np.unique(b["step"].to_numpy(), return_counts=True)):
-                counts[int(s)] = counts.get(int(s), 0) + int(k)
-        return counts
-    ds = view.ray_dataset(["step"], filter=where).groupby("step").aggregate(Count(alias_name="rows"))
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    if not tables:
-        return {}
-    t = pa.concat_tables(tables)
-    return {int(s): int(k) for s, k in zip(t["step"].to_pylist(), t["rows"].to_pylist())}
+    t = _partials(view, ["step"], where, _step_partial, on_ray)
+    counts: dict[int, int] = {}
+    for s, k in zip(t["step"].to_pylist(), t["rows"].to_pylist()):
+        counts[s] = counts.get(s, 0) + k
+    return counts
 
 
 def _chains_at(view: CommittedView, step: int) -> np.ndarray:
