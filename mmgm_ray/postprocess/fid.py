@@ -9,9 +9,10 @@ this module runs it over a run's committed view:
    late), from a chain index; a filter pushed down to the Parquet scan and an exact row test.
 2. **Features**: Ray Data ``map_batches`` with :class:`FeatureBlocks` on an actor pool (GPU actors,
    ``num_gpus`` each, when the cluster has GPUs), after a streaming repartition into blocks of
-   ``block_rows`` rows so that every actor gets work. Every forward pass holds exactly
-   ``batch_size`` images (the last one padded with copies), so a sample's features do not depend
-   on where a block boundary fell.
+   exactly ``block_rows`` rows (a multiple of the batch) so that every actor gets work. Every
+   forward pass holds exactly ``batch_size`` images (``min(batch_size, images)``; the job's last
+   pass padded with copies), here and on Ray alike, so a sample's features do not depend on where
+   a block boundary fell.
 3. **Sums**: a task stage turns every ``stats_rows`` rows into per-group sums (n, sum x,
    sum x x^T in float64) and, for KID, the features of a bounded subset of the main selection (rows
    whose rank is a multiple of ``kid_stride``). The driver merges the sums
@@ -29,7 +30,7 @@ import io
 import math
 import posixpath
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Iterable, Iterator, Optional
 
@@ -200,12 +201,20 @@ def _pool(settings: FeatureSettings) -> _Pool:
     return _Pool("cpu", settings.actors or max(1, int((cpus - 1) // per_cpu)), per_cpu)
 
 
+def _sized(settings: FeatureSettings, rows: int) -> FeatureSettings:
+    """``settings`` for at most ``rows`` images: forward passes of ``min(batch_size, rows)`` images
+    (a handful of images is not padded to 64), blocks a multiple of that (every actor task then
+    holds whole passes; only the last block of the job pads)."""
+    batch = max(1, min(settings.batch_size, int(rows)))
+    return replace(settings, batch_size=batch, block_rows=max(1, settings.block_rows // batch) * batch)
+
+
 def _features_on_ray(ds: ray.data.Dataset, settings: FeatureSettings, pool: _Pool, event_shape: tuple,
                      n_groups: int, kid_stride: int) -> Iterator[pa.Table]:
     ensure_resources(ResourceRequest.uniform(pool.actors, {"CPU": pool.num_cpus, "GPU": pool.num_gpus}, "SPREAD",
                                              what=f"FID feature actors ({pool.device})"),
                      timeout_s=settings.scale_timeout_s)
-    ds = ds.repartition(target_num_rows_per_block=settings.block_rows)
+    ds = ds.repartition(target_num_rows_per_block=settings.block_rows, strict=True)
     extra = {"num_gpus": pool.num_gpus} if pool.num_gpus else {}
     ds = ds.map_batches(FeatureBlocks, fn_constructor_kwargs={
         "settings": settings, "device": pool.device, "event_shape": event_shape,
@@ -222,6 +231,23 @@ def _numpy_batch(table: pa.Table) -> dict:
     flat = col.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slice offsets
     return {"sample": flat.reshape(table.num_rows, -1), "groups": table["groups"].to_numpy(),
             "rank": table["rank"].to_numpy()}
+
+
+def _rechunk(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``tables`` in tables of exactly ``rows`` rows (the last one shorter)."""
+    buf: list[pa.Table] = []
+    held = 0
+    for t in tables:
+        buf.append(t)
+        held += t.num_rows
+        if held >= rows:
+            whole = pa.concat_tables(buf)
+            cut = held // rows * rows
+            for lo in range(0, cut, rows):
+                yield whole.slice(lo, rows)
+            buf, held = [whole.slice(cut)], held - cut
+    if held:
+        yield pa.concat_tables(buf)
 
 
 def _features_local(tables: Iterable[pa.Table], settings: FeatureSettings, pool: _Pool, event_shape: tuple,
@@ -267,6 +293,7 @@ def image_feature_stats(images, settings: FeatureSettings, kid_max: int = 0,
     table = pa.table({"sample": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), math.prod(shape)),
                       "groups": np.ones(n, np.int64), "rank": np.arange(n, dtype=np.int64)})
     stride = max(1, math.ceil(n / kid_max)) if kid_max else 0
+    settings = _sized(settings, n)
     chunks = [table.slice(lo, settings.block_rows) for lo in range(0, n, settings.block_rows)]
     labels, pool = feature_labels(settings), _pool(settings)
     if settings.local:
@@ -317,10 +344,12 @@ def run_feature_stats(sel: RunSelection, settings: FeatureSettings) -> tuple[lis
     cols = ["chain_id", "jump_index", "sample"]
     labels, pool = feature_labels(settings), _pool(settings)
     plan, n_groups = sel.plan, len(sel.plan.groups)
+    settings = _sized(settings, sum(g.n for g in plan.groups))  # the same passes here and on Ray
     if sel.local:
         tables = (plan.select(pa.Table.from_batches([b]))
                   for b in sel.view.batches(cols, filter=plan.pushdown().to_pyarrow(), batch_rows=settings.stats_rows))
-        parts = _features_local(tables, settings, pool, sel.shape, n_groups, plan.kid_stride)
+        parts = _features_local(_rechunk(tables, settings.block_rows), settings, pool, sel.shape, n_groups,
+                                plan.kid_stride)
     else:
         ds = sel.view.ray_dataset(cols, filter=plan.pushdown()).map_batches(
             _select_rows, fn_kwargs={"plan": plan}, batch_format="pyarrow", batch_size=None)
