@@ -21,8 +21,11 @@ this module runs it over a run's committed view:
 
 With ``local=True`` the same selection, transform classes and reduction run in this process over
 ``CommittedView.batches`` (no Ray): for small stores, and as the reference the Ray path is tested
-against. The two agree to float64 summation order. Note: at N < 2048 the covariance is singular
-and FID amplifies summation-order round-off to ~1e-9 relative; at N >= 2048 it is ~1e-13.
+against. Given the same features, the two agree to float64 summation order; at N < 2048 the
+covariance is singular and FID amplifies that round-off to ~1e-9 relative (~1e-13 at N >= 2048).
+The features themselves are float32 network outputs whose convolutions sum in an order that
+depends on the batch size (fixed here), the number of intra-op threads and the device: a 1-thread
+and a 2-thread CPU pass differ by ~1e-4 relative on pool3 features (FID to a similar degree).
 """
 from __future__ import annotations
 
@@ -185,6 +188,8 @@ class _Pool:
 def _pool(settings: FeatureSettings) -> _Pool:
     """Device and actor pool for ``settings`` on this cluster (or in this process)."""
     if settings.local:
+        if settings.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {settings.device!r}: this machine has no CUDA device (torch sees none)")
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         return _Pool(auto if settings.device == "auto" else settings.device)
     res = ray.cluster_resources()

@@ -145,12 +145,22 @@ class FidSelection:
         parts = []
         for g in self.groups:
             if g.mode == "last":
-                last = self.last_jump[:g.n]
-                parts.append((col("jump_index") >= lit(int(last.min())))
-                             & (col("chain_id") <= lit(int(self.chain_ids[g.n - 1]))))
+                parts.append(self._last_pushdown(g.n))
             else:
                 parts.append(col("jump_index").is_in([int(t) for t in g.grid]))
         return NOT_DIVERGED & reduce(lambda a, b: a | b, parts)
+
+    def _last_pushdown(self, n: int) -> Expr:
+        # most chains end at the top jump: one equality keeps the scan to those row groups; the
+        # few that diverged earlier are listed (a bound on jump_index alone would read them all)
+        last, ids = self.last_jump[:n], self.chain_ids[:n]
+        top = int(last.max())
+        expr = (col("jump_index") == lit(top)) & (col("chain_id") <= lit(int(ids[-1])))
+        early = last < top
+        if early.any():
+            expr = expr | (col("chain_id").is_in([int(c) for c in ids[early]])
+                           & col("jump_index").is_in(sorted({int(j) for j in last[early]})))
+        return expr
 
     def _hits(self, g: Group, pos: np.ndarray, valid: np.ndarray, jp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         c = self.chain_ids.size
