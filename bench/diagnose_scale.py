@@ -1,6 +1,6 @@
 """Benchmark: ``mmgm diagnose`` in one process against the Ray path, at two store sizes.
 
-    .venv/bin/python bench/postprocess.py [--chains 10000] [--jumps 10] [--cpus 2] [--dir DIR]
+    .venv/bin/python bench/diagnose_scale.py [--chains 10000] [--jumps 10] [--cpus 2] [--dir DIR]
 
 Synthetic stores of ``--chains`` chains x J and 4J jumps of 784-d uint8 samples (28x28, written
 through the store's own BlockWriter, 10,000 rows per part): each chain is an AR(1) process
