@@ -31,7 +31,7 @@ def test_cli_help_lists_subcommands():
 # ---- code shape: the rules of docs/ARCHITECTURE.md, checked on the source -------------------------
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "mmgm_ray"
-MATH_CORE = {"config", "validators", "noise", "models", "oracles", "integrators", "rng", "jumps", "engine",
+MATH_CORE = {"config", "validators", "noise", "models", "oracles", "integrators", "rng", "jumps", "engine", "torchio",
              "conditioning", "factory", "faults", "images", "nets", "data", "store", "diagnostics", "train"}
 RAY_LAYER = {"cluster", "preflight", "pool", "postprocess", "pipeline", "train.ray_train", "cli"}
 

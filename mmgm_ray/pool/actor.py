@@ -22,7 +22,12 @@ Block checkpoints hold the engine state at the latest checkpoint step t AND at t
 (t - k): the sink writes its blocks' checkpoints one by one, so a crash in the middle of that loop
 leaves some blocks at t and the others at t - k. On restart every block is rolled back to the
 oldest common step (the writer restores the matching older writer state, deleting the newer parts,
-which are rewritten with identical bytes).
+which are rewritten with identical bytes). The same roll-back re-creates a committed part that is
+missing or damaged on storage (``BlockWriter.damaged``: size, CRC-32 on request) when it was written
+after the previous checkpoint; an older damaged part raises ``DamagedPartError`` naming it.
+
+Every checkpoint also carries the run's resolved config, model hash and event shape (``meta["run"]``),
+so a run whose manifest was lost can be rebuilt from its checkpoints alone (``store.rebuild_manifest``).
 """
 from __future__ import annotations
 
@@ -39,12 +44,13 @@ import ray
 import torch
 
 from mmgm_ray import faults
-from mmgm_ray.config import RunConfig, from_dict
+from mmgm_ray.config import RunConfig, from_dict, to_dict
 from mmgm_ray.data import load_dataset
 from mmgm_ray.engine import WalkJumpEngine
 from mmgm_ray.factory import load_sampling_model
 from mmgm_ray.jumps import DivergenceEvent, JumpBatch
 from mmgm_ray.store import SampleStore, acquire_lease
+from mmgm_ray.store.store import DamagedPartError
 
 _GATHER_ROWS = 1 << 18  # host rows gathered before conversion (bounds the writer's memory)
 
@@ -92,8 +98,12 @@ class BlockSink:
     """The writer-thread side of an actor: its blocks' writers, rows gathered before conversion,
     and the previous checkpoint of every block (for the roll-back described in the module doc)."""
 
-    def __init__(self, store: SampleStore, block_ids: Sequence[int]):
+    def __init__(self, store: SampleStore, block_ids: Sequence[int], run_meta: Optional[dict] = None,
+                 checksums: bool = False):
         self.block_ids = list(block_ids)
+        self.run_meta = dict(run_meta or {})   # config, model hash, event shape: recorded in every checkpoint
+        self.checksums = checksums
+        self.repaired: dict[str, str] = {}     # part -> what was wrong, re-created by rolling back
         self.writers = {b: store.writer(b) for b in self.block_ids}
         for b, w in self.writers.items():
             # a new epoch per (re)start: a writer of an older epoch that still runs is fenced off
@@ -107,30 +117,44 @@ class BlockSink:
     # ---- before the writer thread starts ---------------------------------------------------------
 
     def resume(self) -> tuple[int, Optional[list[dict]]]:
-        """Bring every writer to the oldest step all blocks committed; return that step and the
-        blocks' engine states there (None for step 0: the chains start afresh)."""
-        cks = {b: self.writers[b].resume() for b in self.block_ids}
-        steps = {b: int(ck[1]["engine"]["step"]) if ck is not None else 0 for b, ck in cks.items()}
-        for b, ck in cks.items():
-            if ck is not None and list(ck[1]["layout"]) != self.block_ids:
-                raise ValueError(f"block {b} was checkpointed by an actor holding blocks {ck[1]['layout']}, "
-                                 f"this actor holds {self.block_ids}: resume with the run's recorded layout")
-        m = min(steps.values())
+        """Bring every writer to the latest step that all blocks can restore intact; return that step
+        and the blocks' engine states there (None for step 0: the chains start afresh).
+
+        Each block offers its latest checkpoint and the previous one (both in the same file); a
+        block whose latest state lists a missing or damaged part offers only the previous one."""
+        options = {b: self._restorable(b) for b in self.block_ids}
+        m = min(max(o) for o in options.values())
         states = []
         for b in self.block_ids:
-            if cks[b] is None:   # a fresh block: then m == 0 and every block starts afresh
-                continue
-            tensors, meta = cks[b]
-            if steps[b] == m:
-                states.append(_join(tensors, meta["engine"], "cur."))
-                continue
-            # this block got one checkpoint further before the crash: roll it back to step m
-            if int(meta["prev_engine"]["step"]) != m:
-                raise RuntimeError(f"block {b} is at step {steps[b]} (previous {meta['prev_engine']['step']}), "
-                                   f"other blocks of the actor at {m}: checkpoints are inconsistent")
-            self.writers[b].restore(meta["prev_writer"])
-            states.append(_join(tensors, meta["prev_engine"], "prev."))
+            if m not in options[b]:
+                raise RuntimeError(f"block {b} can restore steps {sorted(options[b])}, the other blocks of the "
+                                   f"actor step {m}: checkpoints are inconsistent")
+            writer_state, engine, tensors, prefix = options[b][m]
+            self.writers[b].restore(writer_state)   # verified above; deletes the parts written after it
+            if engine is not None:
+                states.append(_join(tensors, engine, prefix))
         return m, (states if m > 0 else None)
+
+    def _restorable(self, b: int) -> dict[int, tuple]:
+        """{step: (writer state, engine fields, tensors, tensor prefix)} block ``b`` can restore."""
+        w = self.writers[b]
+        ck = w.load()
+        if ck is None:   # a fresh block: then every block of the actor starts afresh
+            return {0: (w.initial_state(), None, None, None)}
+        tensors, meta = ck
+        if list(meta["layout"]) != self.block_ids:
+            raise ValueError(f"block {b} was checkpointed by an actor holding blocks {meta['layout']}, "
+                             f"this actor holds {self.block_ids}: resume with the run's recorded layout")
+        prev = meta["prev_writer"]
+        bad = w.damaged(meta["writer"], checksums=self.checksums)
+        lost = {f: why for f, why in bad.items() if f in prev["files"]}
+        if lost:
+            raise DamagedPartError(w.store.url, b, lost)
+        self.repaired.update(bad)
+        out = {int(meta["prev_engine"]["step"]): (prev, meta["prev_engine"], tensors, "prev.")}
+        if not bad:
+            out[int(meta["engine"]["step"])] = (meta["writer"], meta["engine"], tensors, "cur.")
+        return out
 
     def remember(self, states: dict[int, dict], status: str) -> None:
         """Record the restored (or initial) state of every block as its previous checkpoint."""
@@ -195,7 +219,7 @@ class BlockSink:
             cur_t, cur_f = _split(msg.states[b], "cur.")
             prev_t, prev_f = _split(prev_sd, "prev.")
             meta = {"engine": cur_f, "prev_engine": prev_f, "prev_writer": prev_writer,
-                    "status": msg.status, "layout": self.block_ids}
+                    "status": msg.status, "layout": self.block_ids, "run": self.run_meta}
             # flush + ONE atomic file; refused (FencedError) once a newer actor holds the block
             writer_state = self.writers[b].checkpoint({**cur_t, **prev_t}, meta, step=msg.step)
             self._prev[b] = (msg.states[b], writer_state)
@@ -288,13 +312,18 @@ class ChainActor:
         block_ids: this actor's blocks, in batch order (its layout; never change it within a run).
         storage_options: fsspec options for the store (endpoint, credentials); never ``memory://``
             across processes.
+        credentials_env: environment variables (credentials) set in this process before the store is
+            opened; only when the user opted in to forwarding them.
 
     The constructor restores from the blocks' latest checkpoints, so Ray's ``max_restarts`` (which
     reruns ``__init__``) resumes exactly where the blocks were last committed.
     """
 
     def __init__(self, cfg: RunConfig | dict, store_root: str, run_id: str, block_ids: Sequence[int],
-                 storage_options: Optional[dict] = None):
+                 storage_options: Optional[dict] = None, credentials_env: Optional[dict] = None):
+        # credentials the user chose to forward (run_pool(forward_credentials=True)): an argument of
+        # this constructor, never the runtime env, which `ray list actors --detail` shows in clear
+        os.environ.update(credentials_env or {})
         self.cfg = cfg if isinstance(cfg, RunConfig) else from_dict(RunConfig, cfg)
         pool = self.cfg.pool
         self.block_ids = [int(b) for b in block_ids]
@@ -307,9 +336,11 @@ class ChainActor:
         model, event_shape, self.model_hash = load_sampling_model(self.cfg, self.device)
         self.engine = WalkJumpEngine(model, self.cfg.sampler, event_shape, self.cfg.seed, self.block_ids,
                                      self.device, num_chains=pool.num_chains)
+        run_meta = {"config": to_dict(self.cfg), "model_hash": self.model_hash, "event_shape": list(event_shape)}
         self.sink = NullSink() if faults.skip_store() else BlockSink(
             SampleStore(store_root, run_id, event_shape=event_shape, config=self.cfg.store,
-                        storage_options=storage_options, check_writable=False), self.block_ids)
+                        storage_options=storage_options, check_writable=False), self.block_ids, run_meta,
+            checksums=pool.verify_checksums)
         self.start_step = self._restore()
         self.restarted = _was_reconstructed()
         self._stop = threading.Event()
@@ -364,7 +395,7 @@ class ChainActor:
                 self._send_divergences()
             if jb is not None and len(jb):
                 self.writer.put(self._to_host(jb))
-            faults.after_walk_step()
+            faults.after_walk_step(e.step)
             if boundary:
                 return
 
@@ -416,7 +447,7 @@ class ChainActor:
                 "chain_steps_total": e.n_chains * (e.step - self.start_step),
                 "done": e.step >= self.num_steps, "stopped": self._stop.is_set(),
                 "restarted": self.restarted, "restored_step": self.start_step,
-                "blocks": self.sink.committed(), "divergence_events": divs,
+                "repaired": dict(getattr(self.sink, "repaired", {})), "blocks": self.sink.committed(), "divergence_events": divs,
                 "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s, "cpu_s": self.cpu_s}
 
     def commit(self) -> dict:

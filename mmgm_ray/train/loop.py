@@ -23,7 +23,6 @@ run would have taken (the data position is recomputed from s, not stored).
 from __future__ import annotations
 
 import copy
-import io
 import itertools
 import json
 import time
@@ -42,6 +41,7 @@ from mmgm_ray.factory import ARTIFACT_NAME, build_score_model, save_artifact
 from mmgm_ray.images import save_grid
 from mmgm_ray.store.fsutil import atomic_write
 from mmgm_ray.train.validate import validate_run
+from mmgm_ray.torchio import load_weights_only
 
 CKPT_FORMAT = "mmgm-train-state"
 CKPT_VERSION = 1
@@ -217,9 +217,8 @@ class LocalSession(Session):
 
 
 def load_payload(f) -> dict:
-    """Read a checkpoint payload safely (``weights_only=True``) and check its format."""
-    payload = torch.load(io.BytesIO(f.read()) if hasattr(f, "read") else f, map_location="cpu",
-                         weights_only=True)
+    """Read a checkpoint payload from an open binary file, safely (``weights_only=True``), and check its format."""
+    payload = load_weights_only(f.read(), f"training checkpoint {getattr(f, 'path', '')}".rstrip())
     if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
         raise ValueError("not an mmgm training checkpoint")
     if payload.get("version") != CKPT_VERSION:
