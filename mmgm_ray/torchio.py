@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global|\.\s|$)")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # the code object torch refused, in either of its messages
 
 
 def load_weights_only(data: bytes, what: str) -> Any:
@@ -23,8 +23,8 @@ def load_weights_only(data: bytes, what: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        m = _UNPICKLER_DETAIL.search(str(e))
-        detail = f" ({m.group(1)})" if m else ""
+        m = _GLOBAL.search(str(e))
+        detail = f" (it references {m.group(1)})" if m else ""
         raise ValueError(f"{what} holds pickled Python objects{detail}: it is not a file mmgm wrote, and mmgm never "
                          f"unpickles code (loading it could run anything)") from e
     except Exception as e:  # noqa: BLE001 - zip, key and EOF errors all mean "not a whole torch file"
