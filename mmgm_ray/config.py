@@ -370,8 +370,17 @@ class PoolConfig:
     # free device / host memory the plan may use
     micro_batch: int = 0            # chains per network evaluation (0 = the largest the memory plan allows)
     memory_fraction: float = 0.8
+    # how long to wait for the cluster to place the actors, autoscaler included (mmgm_ray.preflight)
+    scale_timeout_s: float = 900.0
+    # after Ctrl-C: how long the actors may take to reach their next checkpoint before the driver quits
+    stop_timeout_s: float = 30.0
+    # on resume, also compare every committed part's CRC-32 with the committed one (reads every part);
+    # sizes are always compared
+    verify_checksums: bool = False
 
     def validate(self) -> None:
+        check.positive("pool.scale_timeout_s", self.scale_timeout_s)
+        check.positive("pool.stop_timeout_s", self.stop_timeout_s)
         for key in ("num_chains", "num_steps", "num_actors", "checkpoint_every", "queue_size"):
             check.at_least(f"pool.{key}", getattr(self, key), 1)
         for key in ("cpus_per_actor", "gpus_per_actor", "max_restarts", "chunk_steps", "micro_batch"):

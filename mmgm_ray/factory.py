@@ -9,7 +9,6 @@ independent of the file container, and is recorded next to every output that use
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from typing import Any, Optional
@@ -25,6 +24,7 @@ from mmgm_ray.nets.vae import VAE
 from mmgm_ray.noise import GaussianMNM, PoissonMNM
 from mmgm_ray.oracles import GaussianOracle, GMMOracle
 from mmgm_ray.store.fsutil import atomic_write  # the store's temp + rename / single-PUT write
+from mmgm_ray.torchio import load_weights_only
 
 ARTIFACT_NAME = "model.pt"  # {output}/{name}/model.pt: training writes it, sampling jobs and manifests name it
 ARTIFACT_FORMAT = "mmgm-model"
@@ -161,11 +161,8 @@ def load_artifact(path: str, device: str | torch.device = "cpu") -> tuple[ScoreM
     fs, p = fsspec.core.url_to_fs(path)
     if not fs.exists(p):
         raise ValueError(f"model artifact not found: {path}")
-    try:
-        with fs.open(p, "rb") as f:
-            payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle with code, ... all mean "not an artifact"
-        raise ValueError(f"model artifact {path} could not be read ({type(e).__name__}: {e})") from e
+    with fs.open(p, "rb") as f:
+        payload = load_weights_only(f.read(), f"model artifact {path}")
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{path} is not an mmgm model artifact")
     if payload.get("version") != ARTIFACT_VERSION:

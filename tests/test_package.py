@@ -80,7 +80,7 @@ def test_wheel_metadata(tmp_path):
 
 PKG = ROOT / "mmgm_ray"
 MATH_CORE = {"config", "validators", "noise", "models", "oracles", "integrators", "rng", "jumps", "engine",
-             "conditioning", "factory", "faults", "images", "nets", "data", "store", "diagnostics", "train",
+             "torchio", "conditioning", "factory", "faults", "images", "nets", "data", "store", "diagnostics", "train",
              "hardware", "planner"}
 RAY_LAYER = {"cluster", "preflight", "pool", "postprocess", "pipeline", "train.ray_train", "cli"}
 

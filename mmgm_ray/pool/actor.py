@@ -29,7 +29,12 @@ Block checkpoints hold the engine state at the latest checkpoint step t AND at t
 (t - k): the sink writes its blocks' checkpoints one by one, so a crash in the middle of that loop
 leaves some blocks at t and the others at t - k. On restart every block is rolled back to the
 oldest common step (the writer restores the matching older writer state, deleting the newer parts,
-which are rewritten with identical bytes).
+which are rewritten with identical bytes). The same roll-back re-creates a committed part that is
+missing or damaged on storage (``BlockWriter.damaged``: size, CRC-32 on request) when it was written
+after the previous checkpoint; an older damaged part raises ``DamagedPartError`` naming it.
+
+Every checkpoint also carries the run's resolved config, model hash and event shape (``meta["run"]``),
+so a run whose manifest was lost can be rebuilt from its checkpoints alone (``store.rebuild_manifest``).
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ import ray
 import torch
 
 from mmgm_ray import faults
-from mmgm_ray.config import PoolConfig, RunConfig, from_dict
+from mmgm_ray.config import PoolConfig, RunConfig, from_dict, to_dict
 from mmgm_ray.data import load_dataset
 from mmgm_ray.engine import WalkJumpEngine
 from mmgm_ray.factory import load_sampling_model
@@ -57,6 +62,7 @@ from mmgm_ray.jumps import DivergenceEvent, JumpBatch
 from mmgm_ray.planner import (MAX_GATHER_ROWS, MemoryPlan, available_host_memory, free_device_memory,
                               measure_score_bytes, module_bytes, plan_memory)
 from mmgm_ray.store import SampleStore, acquire_lease
+from mmgm_ray.store.store import DamagedPartError
 
 
 def resolve_device(pool: PoolConfig) -> torch.device:
@@ -122,9 +128,13 @@ class BlockSink:
     """The writer-thread side of an actor: its blocks' writers, rows gathered before conversion,
     and the previous checkpoint of every block (for the roll-back described in the module doc)."""
 
-    def __init__(self, store: SampleStore, block_ids: Sequence[int], gather_rows: int = MAX_GATHER_ROWS):
+    def __init__(self, store: SampleStore, block_ids: Sequence[int], gather_rows: int = MAX_GATHER_ROWS,
+                 run_meta: Optional[dict] = None, checksums: bool = False):
         self.block_ids = list(block_ids)
         self.gather_rows = int(gather_rows)   # host rows gathered before conversion (the memory plan)
+        self.run_meta = dict(run_meta or {})   # config, model hash, event shape: recorded in every checkpoint
+        self.checksums = checksums
+        self.repaired: dict[str, str] = {}     # part -> what was wrong, re-created by rolling back
         self.writers = {b: store.writer(b) for b in self.block_ids}
         for b, w in self.writers.items():
             # a new epoch per (re)start: a writer of an older epoch that still runs is fenced off
@@ -138,30 +148,44 @@ class BlockSink:
     # ---- before the writer thread starts ---------------------------------------------------------
 
     def resume(self) -> tuple[int, Optional[list[dict]]]:
-        """Bring every writer to the oldest step all blocks committed; return that step and the
-        blocks' engine states there (None for step 0: the chains start afresh)."""
-        cks = {b: self.writers[b].resume() for b in self.block_ids}
-        steps = {b: int(ck[1]["engine"]["step"]) if ck is not None else 0 for b, ck in cks.items()}
-        for b, ck in cks.items():
-            if ck is not None and list(ck[1]["layout"]) != self.block_ids:
-                raise ValueError(f"block {b} was checkpointed by an actor holding blocks {ck[1]['layout']}, "
-                                 f"this actor holds {self.block_ids}: resume with the run's recorded layout")
-        m = min(steps.values())
+        """Bring every writer to the latest step that all blocks can restore intact; return that step
+        and the blocks' engine states there (None for step 0: the chains start afresh).
+
+        Each block offers its latest checkpoint and the previous one (both in the same file); a
+        block whose latest state lists a missing or damaged part offers only the previous one."""
+        options = {b: self._restorable(b) for b in self.block_ids}
+        m = min(max(o) for o in options.values())
         states = []
         for b in self.block_ids:
-            if cks[b] is None:   # a fresh block: then m == 0 and every block starts afresh
-                continue
-            tensors, meta = cks[b]
-            if steps[b] == m:
-                states.append(_join(tensors, meta["engine"], "cur."))
-                continue
-            # this block got one checkpoint further before the crash: roll it back to step m
-            if int(meta["prev_engine"]["step"]) != m:
-                raise RuntimeError(f"block {b} is at step {steps[b]} (previous {meta['prev_engine']['step']}), "
-                                   f"other blocks of the actor at {m}: checkpoints are inconsistent")
-            self.writers[b].restore(meta["prev_writer"])
-            states.append(_join(tensors, meta["prev_engine"], "prev."))
+            if m not in options[b]:
+                raise RuntimeError(f"block {b} can restore steps {sorted(options[b])}, the other blocks of the "
+                                   f"actor step {m}: checkpoints are inconsistent")
+            writer_state, engine, tensors, prefix = options[b][m]
+            self.writers[b].restore(writer_state)   # verified above; deletes the parts written after it
+            if engine is not None:
+                states.append(_join(tensors, engine, prefix))
         return m, (states if m > 0 else None)
+
+    def _restorable(self, b: int) -> dict[int, tuple]:
+        """{step: (writer state, engine fields, tensors, tensor prefix)} block ``b`` can restore."""
+        w = self.writers[b]
+        ck = w.load()
+        if ck is None:   # a fresh block: then every block of the actor starts afresh
+            return {0: (w.initial_state(), None, None, None)}
+        tensors, meta = ck
+        if list(meta["layout"]) != self.block_ids:
+            raise ValueError(f"block {b} was checkpointed by an actor holding blocks {meta['layout']}, "
+                             f"this actor holds {self.block_ids}: resume with the run's recorded layout")
+        prev = meta["prev_writer"]
+        bad = w.damaged(meta["writer"], checksums=self.checksums)
+        lost = {f: why for f, why in bad.items() if f in prev["files"]}
+        if lost:
+            raise DamagedPartError(w.store.url, b, lost)
+        self.repaired.update(bad)
+        out = {int(meta["prev_engine"]["step"]): (prev, meta["prev_engine"], tensors, "prev.")}
+        if not bad:
+            out[int(meta["engine"]["step"])] = (meta["writer"], meta["engine"], tensors, "cur.")
+        return out
 
     def remember(self, states: dict[int, dict], status: str) -> None:
         """Record the restored (or initial) state of every block as its previous checkpoint."""
@@ -226,7 +250,7 @@ class BlockSink:
             cur_t, cur_f = _split(msg.states[b], "cur.")
             prev_t, prev_f = _split(prev_sd, "prev.")
             meta = {"engine": cur_f, "prev_engine": prev_f, "prev_writer": prev_writer,
-                    "status": msg.status, "layout": self.block_ids}
+                    "status": msg.status, "layout": self.block_ids, "run": self.run_meta}
             # flush + ONE atomic file; refused (FencedError) once a newer actor holds the block
             writer_state = self.writers[b].checkpoint({**cur_t, **prev_t}, meta, step=msg.step)
             self._prev[b] = (msg.states[b], writer_state)
@@ -322,6 +346,8 @@ class ChainActor:
         recorded_hardware: the hardware the run recorded (manifest ``hardware``; None for a new run).
         allow_device_change: continue a run recorded on another device class (else
             ``hardware.DeviceChangeError``, raised before the store is touched).
+        credentials_env: environment variables (credentials) set in this process before the store is
+            opened; only when the user opted in to forwarding them.
 
     The constructor restores from the blocks' latest checkpoints, so Ray's ``max_restarts`` (which
     reruns ``__init__``) resumes exactly where the blocks were last committed.
@@ -329,7 +355,10 @@ class ChainActor:
 
     def __init__(self, cfg: RunConfig | dict, store_root: str, run_id: str, block_ids: Sequence[int],
                  storage_options: Optional[dict] = None, *, recorded_hardware: Optional[dict] = None,
-                 allow_device_change: bool = False):
+                 allow_device_change: bool = False, credentials_env: Optional[dict] = None):
+        # credentials the user chose to forward (run_pool(forward_credentials=True)): an argument of
+        # this constructor, never the runtime env, which `ray list actors --detail` shows in clear
+        os.environ.update(credentials_env or {})
         self.cfg = cfg if isinstance(cfg, RunConfig) else from_dict(RunConfig, cfg)
         pool = self.cfg.pool
         self.block_ids = [int(b) for b in block_ids]
@@ -349,10 +378,11 @@ class ChainActor:
         self.memory_plan = self._plan_memory(model)
         print(f"[mmgm pool] blocks {self.block_ids[0]}..{self.block_ids[-1]} on {self.hardware['device_class']}: "
               f"{self.memory_plan.summary()}", file=sys.stderr, flush=True)
+        run_meta = {"config": to_dict(self.cfg), "model_hash": self.model_hash, "event_shape": list(event_shape)}
         self.sink = NullSink() if faults.skip_store() else BlockSink(
             SampleStore(store_root, run_id, event_shape=event_shape, config=self.cfg.store,
                         storage_options=storage_options, check_writable=False), self.block_ids,
-            gather_rows=self.memory_plan.gather_rows)
+            gather_rows=self.memory_plan.gather_rows, run_meta=run_meta, checksums=pool.verify_checksums)
         self.start_step = self._restore()
         self.restarted = _was_reconstructed()
         self._stop = threading.Event()
@@ -428,7 +458,7 @@ class ChainActor:
                 self._send_divergences()
             if jb is not None and len(jb):
                 self.writer.put(self._to_host(jb))
-            faults.after_walk_step()
+            faults.after_walk_step(e.step)
             if boundary:
                 return
 
@@ -480,9 +510,9 @@ class ChainActor:
                 "chain_steps_total": e.n_chains * (e.step - self.start_step),
                 "done": e.step >= self.num_steps, "stopped": self._stop.is_set(),
                 "restarted": self.restarted, "restored_step": self.start_step,
-                "blocks": self.sink.committed(), "divergence_events": divs,
-                "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s, "cpu_s": self.cpu_s,
-                "hardware": self.hardware, "memory_plan": self.memory_plan.as_dict(),
+                "repaired": dict(getattr(self.sink, "repaired", {})), "blocks": self.sink.committed(),
+                "divergence_events": divs, "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s,
+                "cpu_s": self.cpu_s, "hardware": self.hardware, "memory_plan": self.memory_plan.as_dict(),
                 "micro_batch": e.micro_batch, "device_note": self.device_note}
 
     def commit(self) -> dict:

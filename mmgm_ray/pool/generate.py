@@ -30,6 +30,7 @@ from mmgm_ray.images import save_grid
 from mmgm_ray.pool.driver import run_pool
 from mmgm_ray.postprocess.generate import check_target, first_rows, write_generated
 from mmgm_ray.postprocess.source import open_committed
+from mmgm_ray.store import load_manifest
 
 
 def plan(cfg: RunConfig, num_samples: Optional[int] = None, burn_in: Optional[int] = None,
@@ -56,7 +57,7 @@ def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: 
                      burn_in: Optional[int] = None, thin: Optional[int] = None, sample_dtype: str = "float32",
                      png_dir: Optional[str] = None, png_limit: int = 1000, grid: Optional[str] = None,
                      resume: bool = False, storage_options: Optional[dict] = None, progress: bool = True,
-                     allow_device_change: bool = False) -> dict:
+                     allow_device_change: bool = False, extend: bool = False, forward_credentials: bool = False) -> dict:
     """Run the chains of ``cfg`` on the pool and write ``num_samples`` kept jumps as a Parquet data set.
 
     Args:
@@ -70,6 +71,9 @@ def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: 
         grid: also write a PNG grid of the first 64 samples (image-shaped samples only).
         resume: continue an interrupted generation run.
         allow_device_change: resume on another device class than the run recorded (``run_pool``).
+        extend: with ``resume``, allow a walk longer than the run recorded (ValueError otherwise:
+            a resume never extends a run silently).
+        forward_credentials: see :func:`mmgm_ray.pool.run_pool`.
 
     Returns the pool summary plus {dataset, dataset_files, num_samples, written, short, burn_in, thin,
     pngs, grid}; when the pool was interrupted, ``status='interrupted'`` and no data set is written.
@@ -81,8 +85,10 @@ def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: 
         p["num_samples"], p["burn_in"], p["thin"])
     if out:
         check_target(out)  # before any chain runs
+    if resume and not extend:
+        _refuse_extension(run_cfg, storage_options)
     summary = run_pool(run_cfg, resume=resume, storage_options=storage_options, progress=progress,
-                       allow_device_change=allow_device_change)
+                       allow_device_change=allow_device_change, forward_credentials=forward_credentials)
     summary.update({k: p[k] for k in ("num_samples", "burn_in", "thin")})
     if summary["status"] != "done":
         return summary
@@ -101,6 +107,18 @@ def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: 
     elif png_dir or grid:
         summary["png_note"] = f"samples of shape {list(shape)} are not images; no PNG written"
     return summary
+
+
+def _refuse_extension(run_cfg: RunConfig, storage_options: Optional[dict]) -> None:
+    """ValueError when resuming would walk the chains further than the run recorded."""
+    man = load_manifest(run_cfg.run_dir, storage_options)
+    recorded = ((man or {}).get("config") or {}).get("pool", {}).get("num_steps")
+    if recorded is not None and run_cfg.pool.num_steps > int(recorded):
+        g = run_cfg.generate
+        raise ValueError(f"generate --resume {run_cfg.run_dir}: {g.num_samples} samples with burn-in {g.burn_in} and "
+                         f"thin {g.thin} need {run_cfg.pool.num_steps} walk steps per chain, the run recorded "
+                         f"{recorded}; pass --extend to walk the chains further, or the run's own --num-samples "
+                         f"/ --burn-in / --thin")
 
 
 def _write_pngs(x: torch.Tensor, png_dir: Optional[str], limit: int, grid: Optional[str]) -> tuple[int, Optional[str]]:

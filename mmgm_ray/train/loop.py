@@ -28,7 +28,6 @@ checkpoint from another device class is refused unless ``allow_device_change``.
 from __future__ import annotations
 
 import copy
-import io
 import itertools
 import json
 import sys
@@ -49,6 +48,7 @@ from mmgm_ray.hardware import Precision, apply_precision, check_device_class, de
 from mmgm_ray.images import save_grid
 from mmgm_ray.store.fsutil import atomic_write
 from mmgm_ray.train.validate import validate_run
+from mmgm_ray.torchio import load_weights_only
 
 CKPT_FORMAT = "mmgm-train-state"
 CKPT_VERSION = 1
@@ -227,9 +227,8 @@ class LocalSession(Session):
 
 
 def load_payload(f) -> dict:
-    """Read a checkpoint payload safely (``weights_only=True``) and check its format."""
-    payload = torch.load(io.BytesIO(f.read()) if hasattr(f, "read") else f, map_location="cpu",
-                         weights_only=True)
+    """Read a checkpoint payload from an open binary file, safely (``weights_only=True``), and check its format."""
+    payload = load_weights_only(f.read(), f"training checkpoint {getattr(f, 'path', '')}".rstrip())
     if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
         raise ValueError("not an mmgm training checkpoint")
     if payload.get("version") != CKPT_VERSION:
