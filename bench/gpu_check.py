@@ -106,9 +106,9 @@ def pool_rate(cfg: RunConfig, model, fast: fastpath.FastOptions, device: torch.d
     run = from_dict(RunConfig, {**to_dict(cfg), "name": "pool", "output": out, "model_path": f"{out}/model.pt",
                                 "sampler": {**to_dict(cfg.sampler), "fast": "on", "autocast": fast.autocast,
                                             "compile": "on" if fast.compile else "off",
-                                            "micro_batch": fast.micro_batch, "block_size": min(256, chains)},
+                                            "block_size": min(256, chains)},
                                 "store": {"sample_dtype": "uint8"},
-                                "pool": {"num_chains": chains, "num_steps": steps, "num_actors": 1,
+                                "pool": {"num_chains": chains, "micro_batch": fast.micro_batch, "num_steps": steps, "num_actors": 1,
                                          "checkpoint_every": steps // 4, "cpus_per_actor": 1.0,
                                          "gpus_per_actor": 1.0 if device.type == "cuda" else 0.0,
                                          "device": device.type}})

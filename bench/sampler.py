@@ -91,14 +91,14 @@ def main() -> None:
     event_shape = (1, 8, 8)
     model = digits_unet(args.M)
     sampler = from_dict(SamplerConfig, {"block_size": min(256, args.chains), "jump_every": 10, "fast": args.fast,
-                                        "compile": args.compile, "autocast": args.autocast,
-                                        "micro_batch": args.micro_batch})
+                                        "compile": args.compile, "autocast": args.autocast})
     n_blocks = math.ceil(args.chains / sampler.block_size)
     chains = n_blocks * sampler.block_size
     delta = sampler.resolved_delta(model.sigma)
 
     t = time.perf_counter()
-    fast = fastpath.resolve_options(sampler, model, "cpu", event_shape, chains, chains * args.steps * args.repeats)
+    fast = fastpath.resolve_options(sampler, model, "cpu", event_shape, chains, chains * args.steps * args.repeats,
+                                    micro_batch=args.micro_batch)
     t_resolve = time.perf_counter() - t
     t = time.perf_counter()
     engine = WalkJumpEngine(model, sampler, event_shape, 0, range(n_blocks), fast=fast)   # compiles here

@@ -171,13 +171,15 @@ class SamplerConfig:
     # where A-B-O-B-A evaluates the jump: "half" = the step's own (half-step) score evaluation, free;
     # "full" = one extra network call at the full-step position, exact jump law on Gaussian targets
     jump_at: Literal["half", "full"] = "half"
+    # TF32 matmuls / convolutions on Ampere+ GPUs: faster, ~1e-3 relative error, rows that differ
+    # from a float32 GPU's (mmgm_ray.hardware); cuDNN runs deterministic, without autotuning
+    allow_tf32: bool = False
     # the sampler's forward (mmgm_ray.fastpath): "auto" = the device's best for learned networks
     # (compiled only when the run is long enough to pay the compile back), "off" = float32 eager,
     # "on" = every option the device supports. YAML's on / off booleans are accepted.
     fast: Union[bool, Literal["auto", "on", "off"]] = "auto"
     autocast: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # network dtype (state stays float32)
     compile: Union[bool, Literal["auto", "on", "off"]] = "auto"  # torch.compile (eager fallback, one warning)
-    micro_batch: int = 0             # chains per forward; 0 = measured at start-up (fast) / all chains (off)
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads on / off as booleans: keep the canonical strings (configs are compared on resume)
@@ -189,7 +191,6 @@ class SamplerConfig:
     def validate(self) -> None:
         check.one_of("sampler.fast", self.fast, ["auto", "on", "off"])
         check.one_of("sampler.compile", self.compile, ["auto", "on", "off"])
-        check.at_least("sampler.micro_batch", self.micro_batch, 0)
         check.positive("sampler.delta", self.delta, allow_none=True)
         check.positive("sampler.gamma", self.gamma)
         check.positive("sampler.u", self.u)
@@ -333,6 +334,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     resources: TrainResources = field(default_factory=TrainResources)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    # numerics flags, set explicitly (mmgm_ray.hardware; GPU training resumes to round-off, docs/GPU.md)
+    allow_tf32: bool = False        # TF32 matmuls / convolutions on Ampere+ GPUs (faster, ~1e-3 relative error)
+    cudnn_deterministic: bool = True  # only deterministic cuDNN algorithms
+    cudnn_benchmark: bool = False   # cuDNN autotuning: its pick, and the round-off, may change run to run
 
     def validate(self) -> None:
         check.positive("train.steps", self.steps)
@@ -376,16 +381,34 @@ class PoolConfig:
     device: str = "auto"            # auto | cpu | cuda
     queue_size: int = 8             # bounded queue between the chain loop and the writer
     chunk_steps: int = 0            # walk steps per advance() call (multiple of checkpoint_every; 0 = one interval)
+    # memory plan of each actor (mmgm_ray.planner): chains per network call, and the share of the
+    # free device / host memory the plan may use
+    micro_batch: int = 0            # chains per network evaluation (0 = the largest the memory plan allows)
+    memory_fraction: float = 0.8
+    # how long to wait for the cluster to place the actors, autoscaler included (mmgm_ray.preflight)
+    scale_timeout_s: float = 900.0
+    # after Ctrl-C: how long the actors may take to reach their next checkpoint before the driver quits
+    stop_timeout_s: float = 30.0
+    # on resume, also compare every committed part's CRC-32 with the committed one (reads every part);
+    # sizes are always compared
+    verify_checksums: bool = False
 
     def validate(self) -> None:
+        check.positive("pool.scale_timeout_s", self.scale_timeout_s)
+        check.positive("pool.stop_timeout_s", self.stop_timeout_s)
         for key in ("num_chains", "num_steps", "num_actors", "checkpoint_every", "queue_size"):
             check.at_least(f"pool.{key}", getattr(self, key), 1)
-        for key in ("cpus_per_actor", "gpus_per_actor", "max_restarts", "chunk_steps"):
+        for key in ("cpus_per_actor", "gpus_per_actor", "max_restarts", "chunk_steps", "micro_batch"):
             check.at_least(f"pool.{key}", getattr(self, key), 0)
+        check.in_range("pool.memory_fraction", self.memory_fraction, 0.0, 1.0, high_open=False)
+        check.positive("pool.memory_fraction", self.memory_fraction)
         # chunks end on checkpoints, so a stop or a retry never leaves an uncommitted tail
         check.multiple_of("pool.chunk_steps", self.chunk_steps, "pool.checkpoint_every", self.checkpoint_every)
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"pool.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        check.pool_device(self.device, self.gpus_per_actor)
+
+    def device_type(self) -> str:
+        """Where the actors run: cuda for ``device=cuda``, or ``auto`` with a GPU share reserved; else cpu."""
+        return "cuda" if self.device == "cuda" or (self.device == "auto" and self.gpus_per_actor > 0) else "cpu"
 
 
 @dataclass
@@ -408,10 +431,14 @@ class EvalConfig:
     diagnose: bool = True           # R-hat / ESS / class transitions over the store
     fid_samples: int = 200          # 0 = skip FID (Inception is slow on CPUs: keep it small there)
     fid_reference: int = 500        # training images for the reference statistics
+    # reference statistics cache, keyed by data set, split, N, preprocessing, weights ("" = {output}/fid-cache)
+    fid_cache: str = ""
+    fid_windows: int = 3            # also FID per jump window (early/middle/late) at the same N; 0 = off
 
     def validate(self) -> None:
         check.at_least("evaluate.grid_samples", self.grid_samples, 1)
         check.at_least("evaluate.fid_reference", self.fid_reference, 2)
+        check.at_least("evaluate.fid_windows", self.fid_windows, 0)
         if self.fid_samples != 0:
             # a covariance needs two samples
             check.at_least("evaluate.fid_samples (0 = off)", self.fid_samples, 2)
@@ -483,6 +510,32 @@ class RunConfig:
     def run_dir(self) -> str:
         """``{output}/{name}``: where the run's config, checkpoints, artifact or sample store live."""
         return f"{str(self.output).rstrip('/')}/{self.name}"
+
+
+@dataclass
+class CompareConfig:
+    """``mmgm compare``: one base run, trained and sampled once per parametrization at the same budget."""
+    name: str = "compare"                # the table goes to {output}/{name}/; variants run as {name}-{variant}
+    output: str = "runs"
+    base: str = "digits"                 # shipped config name or YAML path every variant starts from
+    set: list[str] = field(default_factory=list)   # overrides for every variant (the shared budget)
+    variants: dict[str, list[str]] = field(default_factory=dict)  # variant name -> its own overrides
+    denoise_examples: int = 500          # held-out examples for the denoising MSE
+
+    def validate(self) -> None:
+        check.run_name("name", self.name)
+        if not self.variants:
+            raise ValueError("variants: list at least one parametrization, e.g. {universal: [model.kind=universal]}")
+        for v, sets in self.variants.items():
+            check.run_name(f"variants.{v}", f"{self.name}-{v}")
+            if not isinstance(sets, list) or not all(isinstance(x, str) for x in sets):
+                raise ValueError(f"variants.{v} must be a list of key=value overrides, got {sets!r}")
+        check.at_least("denoise_examples", self.denoise_examples, 1)
+
+    def variant_config(self, variant: str) -> "RunConfig":
+        """The resolved run config of one variant (base, then the shared set, then its own set)."""
+        return load_config(self.base, [*self.set, *self.variants[variant], f"name={self.name}-{variant}",
+                                       f"output={self.output}"])
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

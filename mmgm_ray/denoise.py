@@ -35,6 +35,14 @@ def denoise(model, y: torch.Tensor, batch_size: int = 64,
     return torch.cat(out)
 
 
+def measure_and_denoise(model, x: torch.Tensor, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """Measure clean data x (N, *event) with the model's MNM and return the estimates xhat (N, *event);
+    the measurements are the ones :func:`evaluate_denoiser` draws for the same seed and batch size."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.cat([denoise(model, model.noise.sample(x[s:s + batch_size].float(), g), batch_size)
+                      for s in range(0, x.shape[0], batch_size)])
+
+
 def evaluate_denoiser(model, x: torch.Tensor, seed: int = 0, batch_size: int = 64,
                       oracle: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
     """Measure clean data x (N, *event) with the model's MNM, denoise, and score against x.

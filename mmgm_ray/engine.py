@@ -24,6 +24,7 @@ is reported once as a ``DivergenceEvent``, its state is zeroed and frozen, and i
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
@@ -70,17 +71,25 @@ class WalkJumpEngine:
         block_ids: the blocks this engine holds, in batch order (any order, any subset); chain ids
             must stay below 2^32.
         device: where the state lives and noise is drawn (the draws are the same on every device).
-        fast: how the score is evaluated (``mmgm_ray.fastpath.FastOptions``: autocast, channels_last,
-            compile, micro-batch; state stays fp32); None = float32 eager, all chains in one forward.
-            The options in effect (``self.fast``) are part of the state dict: they decide the round-off.
+        autocast_dtype: e.g. torch.bfloat16: shorthand for ``fast=FastOptions(autocast="bfloat16")``.
         num_chains: the run's total chain count; chains with id >= num_chains (padding in the last
             block) are computed with their block but never emitted nor reported. None = all chains.
+        micro_batch: chains per score evaluation (None = all in one), slices of the batch in order.
+            Cut at whole blocks (as ``mmgm_ray.planner`` cuts), the results on the CPU are bitwise
+            those of one evaluation; much smaller slices may round differently (oneDNN, like cuDNN,
+            picks its kernels by problem size). So a run keeps one micro-batch: it is saved with
+            the state and a restored engine adopts it.
+        fast: how the score is evaluated (``mmgm_ray.fastpath.FastOptions``: autocast, channels_last,
+            compile; state stays fp32); None = float32 eager. A non-zero ``fast.micro_batch`` is the
+            micro-batch above. The options in effect (``self.fast``; a failed compile falls back to
+            eager) are part of the state header: they decide the round-off.
     """
 
     def __init__(self, model: ScoreModel, sampler: SamplerConfig, event_shape: Sequence[int],
                  run_seed: int, block_ids: Sequence[int], device: str | torch.device = "cpu",
-                 fast: Optional[fastpath.FastOptions] = None,
-                 num_chains: Optional[int] = None):
+                 autocast_dtype: Optional[torch.dtype] = None,
+                 num_chains: Optional[int] = None, micro_batch: Optional[int] = None,
+                 fast: Optional[fastpath.FastOptions] = None):
         sampler.validate()
         if not getattr(model, "samplable", True):
             raise ValueError(f"{type(model).__name__} has no score: walk-jump sampling needs a Gaussian MNM model")
@@ -115,9 +124,11 @@ class WalkJumpEngine:
         if num_chains is not None and num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {num_chains}")
         self.num_chains = num_chains
-        score = fastpath.score_function(model, sampler.walk)
-        self._score = score if fast is None else fastpath.FastScore(score, fast, self.device, self._chain_shape())
-        self.fast = fastpath.OFF if fast is None else self._score.options   # compile may have fallen back
+        fast, micro_batch = _fast_and_micro_batch(fast, autocast_dtype, micro_batch)
+        self.micro_batch = micro_batch
+        self._fast = fast                       # without the micro-batch, which may change (restore, planner)
+        self._scores: dict[int, Callable[[torch.Tensor], ScoreOutput]] = {}   # micro-batch -> score
+        self._score_fn()                        # compiles now: a fallback shows before any state is saved
         per_step = self.n_chains * self.n_draws * math.prod(self._chain_shape())
         self._noise_steps = max(1, min(NOISE_AHEAD_STEPS, NOISE_AHEAD_DRAWS // per_step))
         self._noise_ahead: tuple[int, torch.Tensor] = (0, torch.empty(0))
@@ -167,7 +178,8 @@ class WalkJumpEngine:
             if tuple(data.shape[1:]) != self.event_shape:
                 raise ValueError(f"data shape {tuple(data.shape[1:])} does not match event_shape {self.event_shape}")
             idx = self.rng.randint(self.chain_ids, 0, rng_mod.STREAM_INIT_INDEX, data.shape[0])
-            x0 = data.to(self.device, torch.float32)[idx.to(data.device) if data.device != self.device else idx]
+            # index where the data lives: only the chosen rows travel to the device
+            x0 = data[idx.to(data.device)].to(self.device, torch.float32)
         else:
             raise ValueError(f"unknown sampler.init {init!r}")
         eps = self.rng.normal(self.chain_ids, 0, rng_mod.STREAM_INIT_EPS, self._chain_shape())
@@ -199,7 +211,32 @@ class WalkJumpEngine:
         return xi.movedim(1, 0) if self.n_draws > 1 else xi.squeeze(1)
 
     def _score_fn(self) -> Callable[[torch.Tensor], ScoreOutput]:
-        return self._score
+        """The score under the fast-path options at the current micro-batch (built once per micro-batch:
+        a compiled score is specialized to its shape)."""
+        mb = self.micro_batch or 0
+        if mb not in self._scores:
+            fn = fastpath.score_function(self.model, self.cfg.walk)
+            if self._fast != fastpath.OFF or mb:
+                # compiled: one fixed shape, all chains when no micro-batch is set
+                opts = dataclasses.replace(self._fast, micro_batch=mb or (self.n_chains if self._fast.compile else 0))
+                fn = fastpath.FastScore(fn, opts, self.device, self._chain_shape())
+                self._fast = dataclasses.replace(fn.options, micro_batch=0)   # compile may have fallen back
+            self._scores[mb] = fn
+        return self._scores[mb]
+
+    def use_fast(self, fast: fastpath.FastOptions) -> None:
+        """Evaluate the score under ``fast`` from now on (compiled here when it says so); a non-zero
+        ``fast.micro_batch`` becomes the micro-batch. Set it before the first step of a run (the
+        options decide the round-off, and are checked when a state is restored)."""
+        self._fast, micro_batch = _fast_and_micro_batch(fast, None, None)
+        self.micro_batch = micro_batch or self.micro_batch
+        self._scores = {}
+        self._score_fn()
+
+    @property
+    def fast(self) -> fastpath.FastOptions:
+        """The fast-path options in effect, with the micro-batch (0 = all chains in one forward)."""
+        return dataclasses.replace(self._fast, micro_batch=self.micro_batch or 0)
 
     def _check_divergence(self, out: ScoreOutput) -> None:
         """Flag chains whose state, score or jump is non-finite or whose |y|_inf explodes.
@@ -302,7 +339,7 @@ class WalkJumpEngine:
         the fast-path options, which decide the round-off)."""
         return {"version": STATE_VERSION, "run_seed": self.run_seed, "block_size": self.bs,
                 "walk": self.cfg.walk, "M": self.M, "event_shape": list(self.event_shape),
-                "fast": self.fast.as_dict()}
+                "fast": _header_options(self._fast)}
 
     def state_dict(self, block_ids: Optional[Sequence[int]] = None) -> dict:
         """Exact chain state of the engine, or of ``block_ids`` only (per-block checkpoints).
@@ -314,7 +351,7 @@ class WalkJumpEngine:
             raise RuntimeError("engine not initialized")
         blocks = self.block_ids if block_ids is None else [int(b) for b in block_ids]
         rows = self._rows(blocks)
-        return {**self.header(), "step": self.step, "block_ids": blocks,
+        return {**self.header(), "step": self.step, "block_ids": blocks, "micro_batch": self.micro_batch,
                 "y": self.state.y[rows].cpu().clone(), "v": self.state.v[rows].cpu().clone(),
                 "alive": self.state.alive[rows].cpu().clone()}
 
@@ -336,11 +373,13 @@ class WalkJumpEngine:
         fast paths existed, i.e. with ``fastpath.OFF``.
         """
         sd = _join_state_dicts(sd) if isinstance(sd, (list, tuple)) else sd
-        sd = {"fast": fastpath.OFF.as_dict(), **sd}
+        sd = {"fast": _header_options(fastpath.OFF), **sd}
         for key, val in self.header().items():
             if sd.get(key) != val:
                 raise ValueError(f"checkpoint {key}={sd.get(key)!r} does not match engine {key}={val!r}")
         blocks, step = [int(b) for b in sd["block_ids"]], int(sd["step"])
+        if "micro_batch" in sd:  # the state was computed with it: keep the round-off of the run
+            self.micro_batch = sd["micro_batch"]
         if self.state is None:
             if sorted(blocks) != sorted(self.block_ids):
                 raise ValueError("restore into a fresh engine needs every block it holds")
@@ -359,6 +398,28 @@ class WalkJumpEngine:
         self.state = EngineState(y, v, alive, step)
         self._div_reported[rows] = ~alive[rows]
         self._div_step[rows] = -1
+
+
+def _fast_and_micro_batch(fast: Optional[fastpath.FastOptions], autocast_dtype: Optional[torch.dtype],
+                          micro_batch: Optional[int]) -> tuple[fastpath.FastOptions, Optional[int]]:
+    """The engine's options without the micro-batch, and its micro-batch (None = all chains)."""
+    if autocast_dtype is not None:
+        if fast is not None:
+            raise ValueError("give the engine autocast_dtype or fast options, not both")
+        fast = fastpath.FastOptions(autocast=fastpath.autocast_name(autocast_dtype))
+    fast = fast or fastpath.OFF
+    if fast.micro_batch:
+        if micro_batch is not None and micro_batch != fast.micro_batch:
+            raise ValueError(f"micro_batch={micro_batch} disagrees with the fast options' {fast.micro_batch}")
+        micro_batch = fast.micro_batch
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    return dataclasses.replace(fast, micro_batch=0), micro_batch
+
+
+def _header_options(fast: fastpath.FastOptions) -> dict:
+    """The options a saved state records in its header; the micro-batch is saved on its own."""
+    return {k: v for k, v in fast.as_dict().items() if k != "micro_batch"}
 
 
 def _join_state_dicts(sds: Sequence[dict]) -> dict:

@@ -84,6 +84,15 @@ class FastOptions:
 OFF = FastOptions()
 
 
+def autocast_name(dtype: Optional[torch.dtype]) -> str:
+    """The ``FastOptions.autocast`` name of a dtype (None and float32: "float32")."""
+    names = {v: k for k, v in AUTOCAST_DTYPES.items()}
+    names[torch.float32] = "float32"
+    if dtype not in names:
+        raise ValueError(f"autocast dtype must be one of {sorted(AUTOCAST_DTYPES)}, got {dtype}")
+    return names[dtype]
+
+
 # ---- what the device and the model support ----------------------------------------------------------------
 
 def native_low_precision(device: torch.device | str) -> str:
@@ -247,14 +256,15 @@ def measure_micro_batch(fn: ScoreFn, options: FastOptions, device: torch.device,
 
 def resolve_options(sampler: SamplerConfig, model: nn.Module, device: torch.device | str,
                     chain_shape: Sequence[int], n_chains: int, work_chain_steps: int,
-                    max_micro_batch: Optional[int] = None) -> FastOptions:
-    """The option set for ``sampler.fast`` / ``autocast`` / ``compile`` / ``micro_batch`` on ``device``.
+                    max_micro_batch: Optional[int] = None, micro_batch: int = 0) -> FastOptions:
+    """The option set for ``sampler.fast`` / ``autocast`` / ``compile`` and ``micro_batch`` (the
+    caller's explicit chains per forward, e.g. ``pool.micro_batch``; 0 = measured) on ``device``.
 
-    - ``fast="off"``: float32 eager; all chains in one forward unless ``sampler.micro_batch`` or
-      the memory bound ``max_micro_batch`` says otherwise.
+    - ``fast="off"``: float32 eager; all chains in one forward unless ``micro_batch`` or the memory
+      bound ``max_micro_batch`` says otherwise.
     - ``fast="on"``: native low precision (``native_low_precision``), channels_last for conv nets on
       CUDA, compile (and CUDA graphs on CUDA), the measured micro-batch; the explicit ``autocast``
-      / ``compile`` / ``micro_batch`` fields override. With all three explicit nothing is measured
+      / ``compile`` fields and ``micro_batch`` override. With all three explicit nothing is measured
       and the options are a pure function of the config, the model and the device.
     - ``fast="auto"``: off for closed-form oracles (no network), else as "on", except that
       ``compile="auto"`` compiles only when the run's eager forward time (``work_chain_steps``
@@ -263,7 +273,7 @@ def resolve_options(sampler: SamplerConfig, model: nn.Module, device: torch.devi
     """
     device = torch.device(device)
     bound = max_micro_batch if max_micro_batch else None
-    explicit_mb = min(sampler.micro_batch, bound or sampler.micro_batch) if sampler.micro_batch else 0
+    explicit_mb = min(micro_batch, bound or micro_batch) if micro_batch else 0
     if sampler.fast == "off" or (sampler.fast == "auto" and not _has_network(model)):
         mb = explicit_mb or (bound if bound and bound < n_chains else 0)
         return dataclasses.replace(OFF, micro_batch=balanced_micro_batch(n_chains, mb) if mb else 0)

@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def classifier_cache(tmp_path_factory):
+    """Classifiers trained for diagnostics (mmgm_ray.diagnostics.classifier) are cached per test
+    session, not in ~/.cache/mmgm-ray."""
+    os.environ.setdefault("MMGM_CACHE", str(tmp_path_factory.mktemp("mmgm-cache")))
+    yield os.environ["MMGM_CACHE"]
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +41,14 @@ def ray_session(tmp_path_factory):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for a test (OpenMP threads contending on a shared 2-core box are 5x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 from mmgm_ray import fastpath
 from mmgm_ray.config import RunConfig, SamplerConfig, from_dict, load_config

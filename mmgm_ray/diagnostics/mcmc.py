@@ -2,8 +2,20 @@
 
 Every function takes draws shaped ``(chains, draws)`` or ``(chains, draws, *dims)``; the trailing
 ``dims`` are independent scalars and the result has shape ``dims`` (a float for 2-D input).
-Pure numpy (+ ``scipy.special.ndtri``); vectorized over chains so 10^4 chains x 10^3 draws of one
-scalar takes a few seconds on two cores.
+Pure numpy + scipy. The numbers are those of arviz-stats (``arviz_stats.base.array_stats``) on the
+same data up to round-off, NaN conventions included: draws holding a NaN give NaN R-hat and ESS;
+R-hat needs 2 chains and ESS / R-hat 4 draws, else NaN.
+
+Cost. Rank normalization is one sort of the pooled draws per scalar, done on 64-bit keys that pack
+each value's order-preserving bit pattern with its position (one plain sort instead of an argsort),
+reused for the bulk z-scores, the median, the tail-ESS indicators and the folded (tail) z-scores,
+whose order is a linear-time merge of two runs of the sorted draws. The z-scores are bitwise
+arviz-stats' (``rankdata`` average ranks, then ``ndtri``). Sorting, scattering and the
+chain-batched FFT autocovariance run in ``workers`` threads (numpy and scipy release the GIL);
+every reduction is cut into pieces of fixed size and combined in a fixed order, so results do not
+depend on the thread count. Element-wise work goes in cache-sized pieces whose temporaries live
+in per-thread work arrays: fresh draw-sized temporaries cost page faults. :func:`summarize` gives
+every figure of one scalar with one sort: the unit of work of a distributed reduction.
 
 References
 ----------
@@ -24,30 +36,142 @@ References
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable
 
 import numpy as np
+import scipy.fft
 from scipy.special import ndtri
-
-try:  # scipy ships with scikit-learn (a core dependency); fall back to powers of two
-    from scipy.fft import next_fast_len as _next_fast_len
-except ImportError:  # pragma: no cover
-    def _next_fast_len(n: int) -> int:
-        return 1 << max(0, int(n - 1).bit_length())
 
 __all__ = [
     "split_chains", "rank_normalize", "autocov", "autocorr", "ess", "rhat", "nested_rhat",
-    "integrated_autocorr_time", "batch_means_ess", "summarize",
+    "integrated_autocorr_time", "batch_means_ess", "summarize", "default_workers", "clear_caches",
 ]
 
-# Keep each FFT work array near 2^23 complex numbers (~128 MB) whatever the number of chains.
-_FFT_CHUNK_ELEMS = 1 << 23
+_RESOLUTION = np.finfo(np.float64).resolution  # arviz-stats' "constant draws" threshold
+_MIN_DRAWS = 4  # arviz-stats returns NaN below 4 draws (before splitting)
+
+
+# ---- threads and work memory ------------------------------------------------------------------
+
+_MIN_PARALLEL = 1 << 18  # below this many values a thread costs more than it saves
+_MAX_WORKERS = 64        # sort buckets are numbered in uint8
+_CHUNK = 1 << 16         # elements per piece of element-wise work: its arrays stay in L2 cache
+_BASE_U = np.arange(_CHUNK, dtype=np.uint64)
+_BASE_F = np.arange(_CHUNK, dtype=np.float64)
+_RFFT_OUT = np.lib.NumpyVersion(np.__version__) >= "2.0.0"  # rfft(out=...): no fresh spectra
+_THREAD_PREFIX = "mmgm-mcmc"
+_LOCAL = threading.local()
+_POOL: list = [None, 0]  # [executor, its size]; threads persist so their work arrays do too
+_POOL_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's threads: start afresh
+    os.register_at_fork(after_in_child=lambda: _POOL.__setitem__(slice(None), [None, 0]))
+
+
+def default_workers() -> int:
+    """Threads used when ``workers=None``: ``$OMP_NUM_THREADS`` when set (Ray sets it to a task's
+    CPU count), else the number of CPUs this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def _workers(workers: int | None, size: int) -> int:
+    w = default_workers() if workers is None else workers
+    if not isinstance(w, (int, np.integer)) or w < 1:
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    return 1 if size < _MIN_PARALLEL else min(int(w), _MAX_WORKERS)
+
+
+def _work(name: str, shape, dtype=np.float64) -> np.ndarray:
+    """This thread's work array ``name``, kept between pieces and calls: on a shared machine the
+    page faults of fresh memory cost more than the arithmetic done in it."""
+    size = math.prod(shape) if isinstance(shape, tuple) else shape
+    buf = getattr(_LOCAL, name, None)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = np.empty(max(size, _CHUNK), dtype=dtype)
+        setattr(_LOCAL, name, buf)
+    return buf[:size].reshape(shape)
+
+
+def _parallel(fn: Callable, items: Iterable, workers: int) -> list:
+    """[fn(i) for i in items], the items cut into ``workers`` contiguous groups run by threads of a
+    persistent pool (numpy and scipy release the GIL in their loops). Callers give every item its
+    own output slice or combine the results in item order: no number depends on the threads."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1 or threading.current_thread().name.startswith(_THREAD_PREFIX):
+        return [fn(i) for i in items]
+    with _POOL_LOCK:
+        if _POOL[1] < workers:
+            if _POOL[0] is not None:
+                _POOL[0].shutdown(wait=False)
+            _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix=_THREAD_PREFIX), workers]
+        pool = _POOL[0]
+    groups = [items[len(items) * g // workers:len(items) * (g + 1) // workers] for g in range(workers)]
+    futures = [pool.submit(lambda grp: [fn(i) for i in grp], grp) for grp in groups if grp]
+    return [res for fut in futures for res in fut.result()]
+
+
+def _chunked(n: int, workers: int, fn: Callable[[int, int], object]) -> list:
+    """[fn(lo, hi) for the cache-sized pieces of range(n)], in piece order; each thread takes a
+    contiguous share. ``fn`` keeps its temporaries in :func:`_work` arrays."""
+    return _parallel(lambda lo: fn(lo, min(lo + _CHUNK, n)), range(0, n, _CHUNK), workers)
+
+
+_SPARE: list[np.ndarray] = []  # draw-sized buffers kept between calls
+_SPARE_MAX = 3                 # what one call holds at once: order, z-scores, merged fold keys
+
+
+def _fresh(n: int) -> np.ndarray:
+    return np.empty(n, dtype=np.uint64)
+
+
+class _Buffers:
+    """Draw-sized uint64 buffers for one call, taken from a pool kept between calls and given back
+    on exit. The first touch of a fresh 80 MB array costs page faults in which the kernel zeroes
+    it, as much as the sort on a busy machine; with the pool, repeated calls on draws of one size
+    (every scalar of a run) touch no fresh memory. :func:`clear_caches` empties it."""
+
+    def __init__(self):
+        self._taken: list[np.ndarray] = []
+
+    def __enter__(self) -> "_Buffers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _POOL_LOCK:
+            _SPARE.extend(self._taken)
+            _SPARE.sort(key=len, reverse=True)
+            del _SPARE[_SPARE_MAX:]
+        self._taken = []
+
+    def take(self, n: int) -> np.ndarray:
+        with _POOL_LOCK:
+            fits = [i for i, b in enumerate(_SPARE) if b.size >= n]
+            buf = _SPARE.pop(min(fits, key=lambda i: _SPARE[i].size)) if fits else _fresh(n)
+        self._taken.append(buf)
+        return buf[:n]
+
+
+def clear_caches() -> None:
+    """Free the memory kept between calls: the pooled draw-sized buffers and the cached normal
+    scores (a long-lived worker done with diagnostics may call it)."""
+    with _POOL_LOCK:
+        _SPARE.clear()
+        _Z_CACHE.clear()
 
 
 # ---- shape handling -------------------------------------------------------------------------
 
 def _scalars(x) -> tuple[np.ndarray, tuple]:
-    """(chains, draws, *dims) -> contiguous float64 (S, chains, draws) and dims."""
+    """(chains, draws, *dims) -> contiguous float64 (S, chains, draws) and dims (no copy for a
+    contiguous float64 2-D input)."""
     a = np.asarray(x)
     if a.ndim < 2:
         raise ValueError(f"expected draws shaped (chains, draws[, dims...]), got shape {a.shape}")
@@ -58,7 +182,7 @@ def _scalars(x) -> tuple[np.ndarray, tuple]:
     return a, dims
 
 
-def _out(vals: np.ndarray, dims: tuple):
+def _out(vals, dims: tuple):
     vals = np.asarray(vals, dtype=np.float64)
     return float(vals.reshape(-1)[0]) if dims == () else vals.reshape(dims)
 
@@ -68,6 +192,15 @@ def _split(y: np.ndarray) -> np.ndarray:
     n = y.shape[-1]
     half = n // 2
     return np.concatenate([y[..., :half], y[..., n - half:]], axis=-2)
+
+
+def _split_rows(y: np.ndarray) -> np.ndarray:
+    """(C, n) -> (2C, n//2) split chains, a view when n is even (rows c0a, c0b, c1a, ...: every
+    split statistic is symmetric in the chains, so only round-off differs from :func:`split_chains`)."""
+    c, n = y.shape
+    if n % 2 == 0:
+        return y.reshape(2 * c, n // 2)
+    return np.concatenate([y[:, :n // 2], y[:, n - n // 2:]], axis=0)
 
 
 def split_chains(x) -> np.ndarray:
@@ -83,136 +216,311 @@ def split_chains(x) -> np.ndarray:
     return np.concatenate([a[:, :half], a[:, n - half:]], axis=0)
 
 
-# ---- rank normalization -----------------------------------------------------------------------
+# ---- exact ranks from one sort of packed keys ----------------------------------------------
 
-def _tie_groups(srt: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """First and last index of each run of equal values in a sorted vector (None if no ties)."""
-    eq = srt[1:] == srt[:-1]
-    if not eq.any():
+_SIGN = np.uint64(1 << 63)
+_MAX_INDEX_BITS = 36  # keeps >= 28 value bits (sign, exponent, 16 mantissa bits) in the key
+
+
+def _runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Runs of True in ``flags[i]`` = "element i equals element i+1": first and last element of
+    each run of equal elements (None when there is none)."""
+    return _runs_of(np.flatnonzero(flags))
+
+
+def _runs_of(near: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """As :func:`_runs`, given the ascending indices i where element i equals element i+1."""
+    if near.size == 0:
         return None
-    d = np.diff(np.concatenate(([0], eq.view(np.int8), [0])))
-    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+    brk = np.flatnonzero(np.diff(near) != 1)
+    return near[np.r_[0, brk + 1]], near[np.r_[brk, near.size - 1]] + 1
 
 
-def _avg_ranks_sorted(srt: np.ndarray) -> np.ndarray:
-    """1-based ranks of a sorted vector, ties replaced by their average rank."""
-    ranks = np.arange(1, srt.size + 1, dtype=np.float64)
-    groups = _tie_groups(srt)
-    if groups is not None:
-        first, last = groups
-        lengths = last - first + 1
-        idx = np.repeat(first, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-        ranks[idx] = np.repeat((first + last + 2) * 0.5, lengths)
-    return ranks
-
-
-_Z_CACHE: dict[int, np.ndarray] = {}
-
-
-def _z_of_sorted(srt: np.ndarray) -> np.ndarray:
-    """Normal scores of sorted values: Phi^-1((rank - 3/8) / (N + 1/4)) (Blom 1958; Vehtari eq. 14),
-    tied values sharing their average rank."""
-    n = srt.size
-    z = _Z_CACHE.get(n)
-    if z is None:  # without ties the scores depend on N only: reuse them across scalars
-        z = ndtri((np.arange(1, n + 1, dtype=np.float64) - 0.375) / (n + 0.25))
-        if len(_Z_CACHE) > 8:
-            _Z_CACHE.clear()
-        _Z_CACHE[n] = z
-    groups = _tie_groups(srt)
-    if groups is None:
-        return z
-    # only the tied positions change (few for continuous draws, many for discrete ones)
-    first, last = groups
+def _expand(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Concatenated ranges first[i]..last[i] (inclusive)."""
     lengths = last - first + 1
-    idx = np.repeat(first, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+    starts = np.repeat(first - (np.cumsum(lengths) - lengths), lengths)
+    return starts + np.arange(lengths.sum())
+
+
+def _encode(v: np.ndarray, key: np.ndarray, bits: int, lo: int) -> None:
+    """key = the order-preserving uint64 image of v (-0.0 and +0.0 alike) with its low ``bits``
+    replaced by the positions lo, lo+1, ...: distinct keys in v's order, except that values
+    sharing the kept prefix come in position order (fixed afterwards by :func:`_resolve`)."""
+    np.add(v, 0.0, out=key.view(np.float64))      # -0.0 + 0.0 = +0.0: equal values, equal bits
+    tmp = _work("encode", key.size, np.uint64)
+    np.right_shift(key.view(np.int64), 63, out=tmp.view(np.int64))
+    tmp |= _SIGN
+    key ^= tmp                                      # negative: all bits flipped; else sign bit set
+    key >>= np.uint64(bits)
+    key <<= np.uint64(bits)
+    key |= np.add(_BASE_U[:key.size], np.uint64(lo), out=tmp)
+
+
+def _sort_keys(key: np.ndarray, workers: int, take: Callable = _fresh) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sort distinct keys with numpy's vectorized quicksort: (sorted keys, a free buffer or None).
+
+    With threads, the value range is cut at pivots from a fixed sample; each bucket is copied to
+    its final place in a second buffer and sorted there alone (the result does not depend on the
+    cut)."""
+    if workers <= 1:
+        key.sort()
+        return key, None
+    n = key.size
+    sample = np.sort(key[::max(1, n // 8192)])
+    pivots = sample[(np.arange(1, workers) * sample.size) // workers]
+
+    def bucket(lo, hi):  # bucket of each key (uint8) and a work mask
+        b, f = _work("bucket", hi - lo, np.uint8), _work("mask", hi - lo, bool)
+        b.fill(0)
+        for p in pivots:
+            b += np.greater_equal(key[lo:hi], p, out=f)
+        return b, f
+
+    def count(lo, hi):
+        b, f = bucket(lo, hi)
+        return lo, [np.count_nonzero(np.equal(b, j, out=f)) for j in range(workers)]
+
+    counts = dict(_chunked(n, workers, count))
+    los = sorted(counts)
+    table = np.array([counts[lo] for lo in los])                          # (piece, bucket)
+    starts = np.concatenate(([0], np.cumsum(table.sum(axis=0))))
+    slots = dict(zip(los, starts[:-1] + np.cumsum(table, axis=0) - table))  # piece's place per bucket
+    out = take(n)
+
+    def place(lo, hi):
+        b, f = bucket(lo, hi)
+        for j in range(workers):
+            o = slots[lo][j]
+            np.compress(np.equal(b, j, out=f), key[lo:hi], out=out[o:o + counts[lo][j]])
+
+    _chunked(n, workers, place)
+    _parallel(lambda j: out[starts[j]:starts[j + 1]].sort(), range(workers), workers)
+    return out, key
+
+
+def _merge_runs(key: np.ndarray, mid: int, workers: int, take: Callable = _fresh) -> tuple[np.ndarray, np.ndarray]:
+    """Sort distinct keys made of two ascending runs key[:mid], key[mid:]: (sorted keys, the input
+    buffer, now free). Both runs are cut at common pivots into cache-sized parts, each merged by a
+    stable sort (timsort: linear time on two runs) in its final place; the parts go to threads.
+    Small parts keep timsort's merge buffer small too (a fresh half-size buffer per call would cost
+    page faults)."""
+    a, b = key[:mid], key[mid:]
+    parts = max(1, key.size // _CHUNK)
+    pivots = a[(np.arange(1, parts) * a.size) // parts] if a.size else a[:0]
+    ia = np.concatenate(([0], np.searchsorted(a, pivots), [a.size]))
+    ib = np.concatenate(([0], np.searchsorted(b, pivots), [b.size]))
+    out = take(key.size)
+
+    def merge(j):
+        dst = out[ia[j] + ib[j]:ia[j + 1] + ib[j + 1]]
+        np.concatenate((a[ia[j]:ia[j + 1]], b[ib[j]:ib[j + 1]]), out=dst)
+        dst.sort(kind="stable")
+
+    _parallel(merge, range(parts), workers)
+    return out, key
+
+
+def _resolve(key: np.ndarray, bits: int, value_at: Callable, workers: int) -> tuple[np.ndarray, tuple | None]:
+    """From sorted packed keys: the exact order (argsort; it overwrites ``key``) and the runs of
+    exactly equal values as (first, last) sorted positions, or None without ties.
+
+    Keys sharing a value prefix are in position order, not value order: those few runs are read
+    through ``value_at(positions)`` and re-sorted where needed. Equal values share a prefix."""
+    mask = np.uint64((1 << bits) - 1)
+
+    def near_in(lo, hi):  # positions i whose key shares its prefix with key i+1
+        x, f = _work("near", hi - lo, np.uint64), _work("mask", hi - lo, bool)
+        np.bitwise_xor(key[lo + 1:hi + 1], key[lo:hi], out=x)
+        return lo + np.flatnonzero(np.less_equal(x, mask, out=f))
+
+    near = np.concatenate(_chunked(key.size - 1, workers, near_in) + [np.zeros(0, np.intp)])
+    _chunked(key.size, workers, lambda lo, hi: np.bitwise_and(key[lo:hi], mask, out=key[lo:hi]))
+    order = key.view(np.int64)
+    runs = _runs_of(near)
+    if runs is None:
+        return order, None
+    pos = _expand(*runs)
+    rid = np.repeat(np.arange(runs[0].size), runs[1] - runs[0] + 1)
+    vals = value_at(order[pos])
+    same_run = rid[1:] == rid[:-1]
+    desc = np.flatnonzero(same_run & (vals[1:] < vals[:-1]))
+    if desc.size:
+        bad = np.zeros(runs[0].size, dtype=bool)
+        bad[rid[desc]] = True
+        sel = np.flatnonzero(bad[rid])
+        fix = np.lexsort((vals[sel], rid[sel]))
+        order[pos[sel]] = order[pos[sel]][fix]
+        vals[sel] = vals[sel][fix]
+    ties = _runs(same_run & (vals[1:] == vals[:-1]))
+    return order, None if ties is None else (pos[ties[0]], pos[ties[1]])
+
+
+def _argsort(v: np.ndarray, workers: int = 1, take: Callable = _fresh) -> tuple[np.ndarray, tuple | None, np.ndarray | None]:
+    """Exact argsort of a NaN-free float64 vector, its runs of ties (see :func:`_resolve`) and a
+    free uint64 buffer of the same size when the sort left one (else None). ``take(n)`` gives
+    the uint64 buffers."""
+    bits = max(1, (v.size - 1).bit_length())
+    if bits > _MAX_INDEX_BITS:
+        order = np.argsort(v, kind="stable")
+        s = v[order]
+        return order, _runs(s[1:] == s[:-1]), None
+    key = take(v.size)
+    _chunked(v.size, workers, lambda lo, hi: _encode(v[lo:hi], key[lo:hi], bits, lo))
+    key, spare = _sort_keys(key, workers, take)
+    return (*_resolve(key, bits, v.__getitem__, workers), spare)
+
+
+_Z_CACHE: dict[tuple[int, int], np.ndarray] = {}
+_Z_CACHE_MAX = 1 << 25  # cached scores (256 MB)
+
+
+def _scores_sorted(m: int, size: int, ties: tuple | None, workers: int = 1) -> np.ndarray:
+    """Normal scores of m sorted values: Phi^-1((rank - 3/8) / (size + 1/4)) (Blom 1958; Vehtari et
+    al. 2021, eq. 14), ties sharing their average rank; ``size`` > m when NaNs were left out (as
+    arviz-stats, whose ranks skip NaN but whose denominator counts every draw). Read-only."""
+    z = _Z_CACHE.get((m, size))
+    if z is None:  # without ties the scores depend on (m, size) only: reuse them across scalars
+        z = np.empty(m)
+
+        def fill(lo, hi):  # rank - 3/8 = k + lo + 5/8 exactly: the same doubles as arviz-stats'
+            np.add(_BASE_F[:hi - lo], lo + 0.625, out=z[lo:hi])
+            ndtri(np.divide(z[lo:hi], size + 0.25, out=z[lo:hi]), out=z[lo:hi])
+
+        _chunked(m, workers, fill)
+        z.flags.writeable = False
+        if sum(a.size for a in _Z_CACHE.values()) + m > _Z_CACHE_MAX:
+            _Z_CACHE.clear()
+        _Z_CACHE[(m, size)] = z
+    if ties is None:
+        return z
+    first, last = ties  # only the tied positions change (few for continuous draws)
+    lengths = last - first + 1
     z = z.copy()
-    z[idx] = np.repeat(ndtri(((first + last + 2) * 0.5 - 0.375) / (n + 0.25)), lengths)
+    z[_expand(first, last)] = np.repeat(ndtri(((first + last + 2) * 0.5 - 0.375) / (size + 0.25)), lengths)
     return z
 
 
-_IDX_BITS = 24
-
-
-def _argsort_with_values(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(order, flat[order]) for a float64 vector.
-
-    numpy's plain sort of 64-bit keys is several times faster than its argsort, so (for N < 2^24
-    and no NaN) each value's order-preserving uint64 key keeps its top 40 bits and carries the
-    index in the low 24; one sort gives the order up to values closer than ~2^-28 relative, and
-    those few collided groups are re-sorted exactly afterwards. Ties stay together either way."""
-    n = flat.size
-    if n >= (1 << _IDX_BITS) or n < 2 or np.isnan(flat).any():
-        order = np.argsort(flat)
-        return order, flat[order]
-    key = flat.view(np.uint64).copy()
-    neg = np.signbit(flat)
-    np.invert(key, out=key, where=neg)              # negative floats: flip all bits
-    np.bitwise_or(key, np.uint64(1 << 63), out=key, where=~neg)  # positive: set the sign bit
-    key >>= np.uint64(_IDX_BITS)
-    key <<= np.uint64(_IDX_BITS)
-    key |= np.arange(n, dtype=np.uint64)
-    key.sort()
-    order = (key & np.uint64((1 << _IDX_BITS) - 1)).astype(np.intp)
-    srt = flat[order]
-    desc = np.flatnonzero(srt[1:] < srt[:-1])
-    if desc.size:
-        prefix = key >> np.uint64(_IDX_BITS)
-        bad = np.unique(prefix[desc])
-        lo = np.searchsorted(prefix, bad, side="left")
-        hi = np.searchsorted(prefix, bad, side="right")
-        lengths = hi - lo
-        pos = np.repeat(lo, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-        # groups are contiguous and in ascending prefix order: sorting the pooled positions by
-        # (group, value) and writing back in place fixes every group at once
-        sub = order[pos]
-        fix = np.lexsort((flat[sub], np.repeat(np.arange(bad.size), lengths)))
-        order[pos] = sub[fix]
-        srt[pos] = flat[order[pos]]
-    return order, srt
-
-
 class _Ranked:
-    """One scalar's pooled draws, sorted once; gives z-scores, folded z-scores and quantiles."""
+    """One scalar's pooled draws (NaN-free), sorted once; gives z-scores, folded z-scores and the
+    median. Sorted values are read through the order where needed, never gathered whole."""
 
-    def __init__(self, flat: np.ndarray):
-        self.flat = flat
+    def __init__(self, flat: np.ndarray, workers: int = 1, take: Callable = _fresh):
+        self.flat, self.workers, self.take = flat, workers, take
         # the one O(N log N) step; everything else reuses it
-        self.order, self.sorted = _argsort_with_values(flat)
+        self.order, self.ties, self._spare = _argsort(flat, workers, take)
 
-    def z(self) -> np.ndarray:
-        out = np.empty_like(self.flat)
-        out[self.order] = _z_of_sorted(self.sorted)
+    def _buffer(self, scratch: np.ndarray | None) -> np.ndarray:
+        """A float64 buffer of the draws' size whose contents may go: ``scratch``, else the sort's
+        spare buffer, else one from ``take``."""
+        if scratch is not None:
+            return scratch
+        if self._spare is not None:
+            buf, self._spare = self._spare.view(np.float64), None
+            return buf
+        return self.take(self.flat.size).view(np.float64)
+
+    def value_at(self, pos) -> np.ndarray:
+        return self.flat[self.order[pos]]
+
+    def z(self, scratch: np.ndarray | None = None) -> np.ndarray:
+        """Rank-normalized draws, in the draws' layout (written into ``scratch`` when given)."""
+        out, w = self._buffer(scratch), self.workers
+        z = _scores_sorted(out.size, out.size, self.ties, w)
+        _chunked(out.size, w, lambda lo, hi: out.__setitem__(self.order[lo:hi], z[lo:hi]))
         return out
 
     def median(self) -> float:
-        s, n = self.sorted, self.sorted.size
-        return float(s[n // 2]) if n % 2 else float(0.5 * (s[n // 2 - 1] + s[n // 2]))
+        n = self.flat.size
+        if n % 2:
+            return float(self.value_at(n // 2))
+        return float(0.5 * (self.value_at(n // 2 - 1) + self.value_at(n // 2)))
 
-    def folded_z(self, median: float | None = None) -> np.ndarray:
-        """z-scores of |x - median|, reusing the sort: the folded order is a merge of two runs."""
-        m = self.median() if median is None else median
-        s = self.sorted
-        i = int(np.searchsorted(s, m, side="left"))
-        dist = np.concatenate([m - s[:i][::-1], s[i:] - m])  # two ascending runs
-        perm = np.argsort(dist, kind="stable")  # timsort: linear time on two runs
-        order = np.concatenate([self.order[:i][::-1], self.order[i:]])[perm]
-        out = np.empty_like(self.flat)
-        out[order] = _z_of_sorted(dist[perm])
-        return out
+    def count_below(self, v: float, inclusive: bool = False) -> int:
+        """Number of draws < v (<= v when ``inclusive``): a binary search through the order."""
+        lo, hi = 0, self.flat.size
+        while lo < hi:
+            mid = (lo + hi) // 2
+            x = self.value_at(mid)
+            lo, hi = (mid + 1, hi) if (x <= v if inclusive else x < v) else (lo, mid)
+        return lo
 
-    def quantiles(self, probs: Sequence[float]) -> np.ndarray:
-        return np.quantile(self.sorted, probs)  # already sorted: cheap partition
+    def folded_z(self, scratch: np.ndarray | None = None) -> np.ndarray:
+        """z-scores of |x - median| (Vehtari et al. 2021, sec. 4.2), reusing the sort: below and
+        above the median the distances are two ascending runs of the sorted draws, so their order
+        is a merge. ``scratch`` (contents lost) may hold the result; use the returned array."""
+        n, w, m = self.flat.size, self.workers, self.median()
+        i = self.count_below(m)       # distances: positions j < i hold m - s[i-1-j], others s[j] - m
+        if not math.isfinite(m):      # half the draws infinite: inf - inf is NaN
+            dist = np.abs(self.value_at(np.arange(n)) - m)
+            out = self._buffer(scratch)
+            out[self.order] = _z_scores_nan(dist, w)
+            return out
+
+        def dist_at(j):
+            below = j < i
+            return np.where(below, m - self.value_at(np.where(below, i - 1 - j, 0)),
+                            self.value_at(np.where(below, 0, j)) - m)
+
+        def encode(lo, hi):  # keys of the distances at positions lo..hi-1
+            d, cut = _work("dist", hi - lo), min(max(i - lo, 0), hi - lo)
+            if cut:  # below the median, read backwards: m - s[i-1-j]
+                g = _work("gather", cut)
+                np.take(self.flat, self.order[i - lo - cut:i - lo], out=g, mode="clip")
+                np.subtract(m, g[::-1], out=d[:cut])
+            if cut < hi - lo:
+                np.take(self.flat, self.order[lo + cut:hi], out=d[cut:], mode="clip")
+                np.subtract(d[cut:], m, out=d[cut:])
+            _encode(d, key[lo:hi], bits, lo)
+
+        bits = max(1, (n - 1).bit_length())
+        if bits > _MAX_INDEX_BITS:
+            forder, fties = _argsort(dist_at(np.arange(n)), w)[:2]
+            free = self._buffer(scratch)
+        else:
+            key = self._buffer(scratch).view(np.uint64)
+            _chunked(n, w, encode)
+            key, spare = _merge_runs(key, i, w, self.take)
+            forder, fties = _resolve(key, bits, dist_at, w)
+            free = spare.view(np.float64)
+        zf = _scores_sorted(n, n, fties, w)
+
+        def put(lo, hi):  # distance position j came from sorted position i-1-j (j < i) or j
+            j, p, f = forder[lo:hi], _work("pos", hi - lo, np.int64), _work("mask", hi - lo, bool)
+            np.subtract(i - 1, j, out=p)
+            np.copyto(p, j, where=np.greater_equal(j, i, out=f))
+            free[np.take(self.order, p, out=_work("src", hi - lo, np.int64), mode="clip")] = zf[lo:hi]
+
+        _chunked(n, w, put)
+        return free
 
 
-def rank_normalize(x) -> np.ndarray:
+def _z_scores_nan(v: np.ndarray, workers: int = 1) -> np.ndarray:
+    """arviz-stats' z-scale of a vector with NaN: ranks of the other values, NaN kept, and a
+    denominator that counts every value (``rankdata(nan_policy="omit")`` then ``size + 1/4``)."""
+    out = np.full(v.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(v))
+    if ok.size:
+        order, ties, _ = _argsort(v[ok], workers)
+        out[ok[order]] = _scores_sorted(ok.size, v.size, ties, workers)
+    return out
+
+
+def rank_normalize(x, workers: int | None = None) -> np.ndarray:
     """Rank-normalized draws z = Phi^-1((r - 3/8)/(N + 1/4)), ranks pooled over all chains and draws
-    of each scalar, ties averaged (Vehtari et al. 2021, eq. 14). Same shape as ``x``."""
+    of each scalar, ties averaged (Vehtari et al. 2021, eq. 14). Same shape as ``x``; NaN stays NaN
+    and the others are ranked among themselves with N counting every draw (as arviz-stats)."""
     y, dims = _scalars(x)
     s, c, n = y.shape
+    workers = _workers(workers, c * n)
     z = np.empty_like(y)
     for k in range(s):
-        z[k] = _Ranked(y[k].reshape(-1)).z().reshape(c, n)
+        v = y[k].reshape(-1)
+        if np.isnan(v).any():
+            z[k] = _z_scores_nan(v, workers).reshape(c, n)
+            continue
+        with _Buffers() as buffers:  # copied out of the pooled buffer before it goes back
+            z[k] = _Ranked(v, workers, buffers.take).z().reshape(c, n)
     return np.moveaxis(z, 0, 2).reshape(np.shape(x))
 
 
@@ -222,10 +530,10 @@ def autocov(x, axis: int = -1) -> np.ndarray:
     """Biased autocovariance (divided by n) along ``axis`` via FFT (zero padded, no wrap-around)."""
     a = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
     n = a.shape[-1]
-    nfft = _next_fast_len(2 * n)
+    nfft = scipy.fft.next_fast_len(2 * n, real=True)
     a = a - a.mean(axis=-1, keepdims=True)
-    f = np.fft.rfft(a, n=nfft, axis=-1)
-    acov = np.fft.irfft(f.real ** 2 + f.imag ** 2, n=nfft, axis=-1)[..., :n] / n
+    f = scipy.fft.rfft(a, n=nfft, axis=-1)
+    acov = scipy.fft.irfft(f.real ** 2 + f.imag ** 2, n=nfft, axis=-1)[..., :n] / n
     return np.moveaxis(acov, -1, axis)
 
 
@@ -239,178 +547,250 @@ def autocorr(x, axis: int = -1) -> np.ndarray:
     return np.moveaxis(rho, -1, axis)
 
 
-def _mean_acov(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For (S, C, n): chain-averaged biased autocovariance (S, n) and chain means (S, C).
+def _mean_acov(y: np.ndarray, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """For (C, n) chains: chain-averaged biased autocovariance (n,) and chain means (C,).
 
-    FFT is linear, so the chain average is taken on the power spectrum and only one inverse
-    transform per scalar is needed; chains go through in chunks to bound memory."""
-    s, c, n = y.shape
-    nfft = _next_fast_len(2 * n)
-    means = y.mean(axis=-1)
-    acov = np.empty((s, n))
-    step = max(1, _FFT_CHUNK_ELEMS // nfft)
-    for k in range(s):
-        power = np.zeros(nfft // 2 + 1)
-        for lo in range(0, c, step):
-            block = y[k, lo:lo + step] - means[k, lo:lo + step, None]
-            f = np.fft.rfft(block, n=nfft, axis=-1)
-            power += (f.real ** 2 + f.imag ** 2).sum(axis=0)
-        acov[k] = np.fft.irfft(power / c, n=nfft)[:n] / n
-    return acov, means
+    FFT is linear, so the chain average is taken on the power spectrum and one inverse transform
+    is left. Chains go in blocks of fixed size (cache-sized, in threads); the blocks' spectra are
+    summed in block order, so the result does not depend on ``workers``."""
+    c, n = y.shape
+    nfft = scipy.fft.next_fast_len(2 * n, real=True)
+    means = y.mean(axis=1)
+    step = max(1, _CHUNK // nfft)
+
+    def power(lo):
+        rows = min(c, lo + step) - lo
+        centered = np.subtract(y[lo:lo + rows], means[lo:lo + rows, None], out=_work("center", (rows, n)))
+        spec = _work("spectrum", (rows, nfft // 2 + 1), np.complex128)
+        spec = np.fft.rfft(centered, n=nfft, out=spec) if _RFFT_OUT else np.fft.rfft(centered, n=nfft)
+        v = spec.view(np.float64)
+        p = np.add.reduce(np.multiply(v, v, out=v), axis=0)
+        return p[0::2] + p[1::2]
+
+    total = np.sum(_parallel(power, range(0, c, step), workers), axis=0)
+    return scipy.fft.irfft(total / c, n=nfft)[:n] / n, means
 
 
-def _ess_core(y: np.ndarray, relative: bool = False) -> np.ndarray:
-    """ESS of (S, C, n) chains as given (no splitting or ranking): multi-chain autocorrelation
-    (Vehtari et al. 2021, eq. 10) truncated by Geyer's initial positive / monotone sequence.
-
-    The pairwise loop of Stan/ArviZ is replaced by array operations: the kept pair sums are the
-    running minimum of P_j = rho_{2j} + rho_{2j+1}, for j below the first non-positive pair."""
-    s, c, n = y.shape
+def _geyer_ess(acov: np.ndarray, means: np.ndarray, n: int, relative: bool) -> float:
+    """ESS from the chain-averaged autocovariance (Vehtari et al. 2021, eq. 10) truncated by
+    Geyer's initial positive then monotone sequence, the loop of arviz-stats' ``_ess`` in array
+    form: the kept pair sums P_j = rho_2j + rho_2j+1 are their running minimum for j below the
+    first pair J that is not positive (or runs past n - 3), plus rho_2J when it is kept."""
+    c = means.size
     total = c * n
-    if n < 4:
-        return np.full(s, np.nan)
-    acov, means = _mean_acov(y)
-    acov0 = acov[:, 0]
-    mean_var = acov0 * n / (n - 1)
-    var_plus = acov0 + (means.var(axis=1, ddof=1) if c > 1 else 0.0)
+    mean_var = acov[0] * n / (n - 1)
+    var_plus = acov[0] + (means.var(ddof=1) if c > 1 else 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rho = 1.0 - (mean_var[:, None] - acov) / var_plus[:, None]
-    rho[:, 0] = 1.0
+        rho = 1.0 - (mean_var - acov) / var_plus
+    rho[0] = 1.0
     npairs = n // 2
-    pairs = rho[:, 0:2 * npairs:2] + rho[:, 1:2 * npairs:2]            # P_j, j = 0..n//2-1
+    pairs = rho[0:2 * npairs:2] + rho[1:2 * npairs:2]
     j = np.arange(npairs)
-    # pair j+1 is computed while P_j > 0 and 2j+1 < n-3; k = first j where that fails
-    cont = (pairs > 0) & (2 * j + 1 < n - 3)
-    k = np.where(cont.all(axis=1), npairs - 1, np.argmin(cont, axis=1))
-    k = np.minimum(k, npairs - 1)
-    mono = np.minimum.accumulate(np.where(np.isnan(pairs), -np.inf, pairs), axis=1)
-    kept = np.where(j[None, :] < k[:, None], mono, 0.0).sum(axis=1)
-    rows = np.arange(s)
-    even_k = rho[rows, 2 * k]
-    last = np.where((pairs[rows, k] >= 0) | (even_k > 0), even_k, 0.0)
-    tau = -1.0 + 2.0 * kept + last
-    tau = np.maximum(tau, 1.0 / math.log10(total))
-    ess = total / tau
-    bad = ~np.isfinite(var_plus) | np.isnan(pairs[:, 0])
-    ess[bad] = np.nan
-    # a constant scalar (e.g. an indicator no draw crosses) carries no autocorrelation: ESS = draws
-    flat = (y.max(axis=(1, 2)) - y.min(axis=(1, 2))) < np.finfo(np.float64).resolution
-    ess[flat] = total
-    return ess / total if relative else ess
+    cont = (pairs > 0) & (2 * j + 1 < n - 3)  # the loop computes pair j + 1 while this holds
+    k = npairs - 1 if cont.all() else int(np.argmin(cont))
+    kept = np.minimum.accumulate(pairs[:k]).sum() if k else 0.0
+    last = rho[2 * k] if (pairs[k] >= 0 or rho[2 * k] > 0) else 0.0
+    tau = max(-1.0 + 2.0 * kept + last, 1.0 / math.log10(total))
+    if not np.isfinite(var_plus) or np.isnan(rho[1]):
+        return math.nan
+    return (1.0 if relative else total) / tau
 
 
-def _rhat_core(y: np.ndarray) -> np.ndarray:
-    """Potential scale reduction of (S, C, n) chains as given (Gelman & Rubin 1992; BDA3 eq. 11.4)."""
+def _ess_chains(y: np.ndarray, relative: bool = False, workers: int = 1) -> float:
+    """ESS of (C, n) chains as given (no splitting or ranking): arviz-stats' ``_ess``."""
+    if y.max() - y.min() < _RESOLUTION:  # constant draws carry no autocorrelation: ESS = draws
+        return 1.0 if relative else float(y.size)
+    acov, means = _mean_acov(y, workers)
+    return _geyer_ess(acov, means, y.shape[1], relative)
+
+
+def _chain_moments(y: np.ndarray, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance (ddof 1) of each row of (C, n), in blocks of rows (no draw-sized
+    temporaries); each row is reduced alone, so the numbers are numpy's whole-array ones."""
+    c, n = y.shape
+    rows = max(1, _CHUNK // n)
+
+    def moments(lo):  # numpy's mean and var(ddof=1), with the deviations in a work array
+        blk = y[lo:lo + rows]
+        mean = np.add.reduce(blk, axis=1) / n
+        dev = np.subtract(blk, mean[:, None], out=_work("dev", blk.shape))
+        return mean, np.add.reduce(np.multiply(dev, dev, out=dev), axis=1) / (n - 1)
+
+    parts = _parallel(moments, range(0, c, rows), workers)
+    return np.concatenate([m for m, _ in parts]), np.concatenate([v for _, v in parts])
+
+
+def _rhat_chains(y: np.ndarray, workers: int = 1) -> float:
+    """Potential scale reduction of (C, n) chains as given (Gelman & Rubin 1992; BDA3 eq. 11.4)."""
     n = y.shape[-1]
-    means = y.mean(axis=-1)
-    w = y.var(axis=-1, ddof=1).mean(axis=-1)
-    b = n * means.var(axis=-1, ddof=1)
+    means, variances = _chain_moments(y, workers)
+    w = variances.mean()
+    b = n * means.var(ddof=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.sqrt((b / w + n - 1) / n)
+        return float(np.sqrt((b / w + n - 1) / n))
 
 
 # ---- public diagnostics -------------------------------------------------------------------------
 
+def _valid(y: np.ndarray, min_chains: int) -> bool:
+    """arviz-stats' ``not_valid`` for (C, n) draws: enough chains and draws, no NaN."""
+    return y.shape[0] >= min_chains and y.shape[1] >= _MIN_DRAWS and not math.isnan(y.min())
+
+
+def _tail_probs(prob) -> tuple[float, float]:
+    if prob is None:
+        return (0.05, 0.95)
+    return tuple(sorted((prob, 1 - prob))) if np.isscalar(prob) else tuple(prob)
+
+
+def _indicator_ess(y: np.ndarray, q: float, buf: np.ndarray, relative: bool, workers: int) -> float:
+    """ESS of I(x <= q) over split chains (Vehtari et al. 2021, sec. 4.3); ``buf`` like y."""
+    np.less_equal(y, q, out=buf)
+    return _ess_chains(_split_rows(buf), relative, workers)
+
+
 _ESS_METHODS = ("bulk", "tail", "mean", "basic", "quantile")
 
 
+def _ess_one(y: np.ndarray, method: str, probs, relative: bool, workers: int) -> float:
+    if not _valid(y, 1):
+        return math.nan
+    if method == "basic":
+        return _ess_chains(y, relative, workers)
+    sp = _split_rows(y)
+    if method == "mean":
+        return _ess_chains(sp, relative, workers)
+    with _Buffers() as buffers:
+        if method == "bulk":
+            z = _Ranked(sp.reshape(-1), workers, buffers.take).z()
+            return _ess_chains(z.reshape(sp.shape), relative, workers)
+        qs = np.quantile(y, probs)  # quantiles of all draws (before splitting), as arviz-stats
+        buf = buffers.take(y.size).view(np.float64).reshape(y.shape)
+        return min(_indicator_ess(y, q, buf, relative, workers) for q in qs)
+
+
 def ess(x, method: str = "bulk", prob: float | tuple[float, float] | None = None,
-        relative: bool = False):
+        relative: bool = False, workers: int | None = None):
     """Effective sample size (Vehtari et al. 2021).
 
     Methods: ``bulk`` (split chains, rank-normalized: eq. 10 + sec. 4.3), ``tail`` (min of the
     ESS of I(x <= q_p) for p = 0.05, 0.95, split chains), ``mean`` (split chains, raw values),
     ``basic`` (chains as given, no split), ``quantile`` (ESS of I(x <= q_prob)).
     Autocorrelations are averaged over chains and truncated with Geyer's (1992) initial monotone
-    sequence; ``relative`` divides by chains * draws. Matches ArviZ on the same data.
+    sequence; ``relative`` divides by chains * draws. Matches arviz-stats on the same data (NaN for
+    draws holding a NaN or fewer than 4 draws). ``workers``: threads (default
+    :func:`default_workers`); the result does not depend on it.
     """
     if method not in _ESS_METHODS:
         raise ValueError(f"ess method must be one of {_ESS_METHODS}, got {method!r}")
-    y, dims = _scalars(x)
-    if method == "basic":
-        return _out(_ess_core(y, relative), dims)
-    if method == "mean":
-        return _out(_ess_core(_split(y), relative), dims)
-    if method == "bulk":
-        sp = _split(y)
-        z = np.stack([_Ranked(sp[k].reshape(-1)).z().reshape(sp.shape[1:]) for k in range(sp.shape[0])])
-        return _out(_ess_core(z, relative), dims)
-    if method == "tail":
-        probs = (0.05, 0.95) if prob is None else ((prob, 1 - prob) if np.isscalar(prob) else prob)
-    else:
+    if method == "quantile":
         if prob is None or not np.isscalar(prob):
             raise ValueError("ess(method='quantile') needs a scalar prob")
         probs = (prob,)
-    out = np.empty(y.shape[0])
-    for k in range(y.shape[0]):
-        q = np.quantile(y[k], probs)  # quantiles of all draws (before splitting), as ArviZ
-        ind = np.stack([(y[k] <= qi).astype(np.float64) for qi in q])
-        out[k] = np.min(_ess_core(_split(ind), relative))
-    return _out(out, dims)
+    else:
+        probs = _tail_probs(prob)
+    y, dims = _scalars(x)
+    w = _workers(workers, y[0].size)
+    return _out([_ess_one(y[k], method, probs, relative, w) for k in range(y.shape[0])], dims)
 
 
 _RHAT_METHODS = ("rank", "split", "basic", "folded", "z_scale")
 
 
-def rhat(x, method: str = "rank"):
+def _rhat_one(y: np.ndarray, method: str, workers: int) -> float:
+    if not _valid(y, 2):
+        return math.nan
+    if method == "basic":
+        return _rhat_chains(y)
+    sp = _split_rows(y)
+    if method == "split":
+        return _rhat_chains(sp)
+    with _Buffers() as buffers:
+        r = _Ranked(sp.reshape(-1), workers, buffers.take)
+        if method == "folded":  # folded about the median of the split draws
+            return _rhat_chains(r.folded_z().reshape(sp.shape), workers)
+        z = r.z()
+        bulk = _rhat_chains(z.reshape(sp.shape), workers)
+        if method == "z_scale":
+            return bulk
+        tail = _rhat_chains(r.folded_z(scratch=z).reshape(sp.shape), workers)
+    return max(bulk, tail)  # Python's max, as arviz-stats: NaN only when the bulk one is NaN
+
+
+def rhat(x, method: str = "rank", workers: int | None = None):
     """R-hat. ``rank`` (default): max of the rank-normalized split-R-hat of the draws (bulk) and of
     the draws folded about their median (tail) (Vehtari et al. 2021, sec. 4.2). ``split``: classic
     split-R-hat; ``basic``: Gelman-Rubin on chains as given; ``folded``/``z_scale``: the tail/bulk
     halves of ``rank`` alone. With C chains, R-hat^2 ~= 1 + C/ESS_total (Vats & Knudson 2021), so
-    large ensembles of short chains need an ESS-aware threshold.
+    large ensembles of short chains need an ESS-aware threshold. NaN with fewer than 2 chains or
+    4 draws or with a NaN draw (as arviz-stats). ``workers`` as in :func:`ess`.
     """
     if method not in _RHAT_METHODS:
         raise ValueError(f"rhat method must be one of {_RHAT_METHODS}, got {method!r}")
     y, dims = _scalars(x)
-    if method == "basic":
-        return _out(_rhat_core(y), dims)
-    sp = _split(y)
-    if method == "split":
-        return _out(_rhat_core(sp), dims)
-    out = np.empty(y.shape[0])
-    for k in range(y.shape[0]):
-        r = _Ranked(sp[k].reshape(-1))
-        vals = []
-        if method in ("rank", "z_scale"):
-            vals.append(_rhat_core(r.z().reshape(1, *sp.shape[1:]))[0])
-        if method in ("rank", "folded"):
-            vals.append(_rhat_core(r.folded_z().reshape(1, *sp.shape[1:]))[0])  # median of split draws
-        out[k] = max(vals)
-    return _out(out, dims)
+    w = _workers(workers, y[0].size)
+    return _out([_rhat_one(y[k], method, w) for k in range(y.shape[0])], dims)
 
 
-def summarize(x, prob: tuple[float, float] = (0.05, 0.95)) -> dict:
+SUMMARY_KEYS = ("rhat", "rhat_bulk", "rhat_tail", "rhat_split", "ess_bulk", "ess_tail", "ess_mean",
+                "mcse_mean", "tau", "mean", "sd")
+
+
+def _summary_one(y: np.ndarray, probs, workers: int) -> dict:
+    """Every figure of :func:`summarize` for one scalar's (C, n) draws, with one sort."""
+    res = dict.fromkeys(SUMMARY_KEYS, math.nan)
+    if not _valid(y, 1):
+        return res
+    res["mean"], res["sd"] = float(y.mean()), float(y.std(ddof=1))
+    with _Buffers() as buffers:
+        _summary_ranked(y, _split_rows(y), probs, res, workers, buffers.take)
+    return res
+
+
+def _summary_ranked(y, sp, probs, res: dict, workers: int, take: Callable) -> None:
+    """The figures of :func:`_summary_one` that come from the chains, with one sort."""
+    c, n = y.shape
+    r = _Ranked(sp.reshape(-1), workers, take)
+    z = r.z().reshape(sp.shape)
+    res["ess_bulk"] = _ess_chains(z, workers=workers)
+    res["ess_mean"] = _ess_chains(sp, workers=workers)
+    res["mcse_mean"] = res["sd"] / math.sqrt(res["ess_mean"])
+    res["tau"] = c * n / _ess_chains(y, workers=workers)
+    if c >= 2:
+        res["rhat_bulk"] = _rhat_chains(z, workers)
+        res["rhat_split"] = _rhat_chains(sp, workers)
+        z = r.folded_z(scratch=z.reshape(-1)).reshape(sp.shape)
+        res["rhat_tail"] = _rhat_chains(z, workers)
+        res["rhat"] = max(res["rhat_bulk"], res["rhat_tail"])
+    # tail ESS: the split draws <= q are the first ones in sorted order (quantiles of all draws)
+    ind = z.reshape(-1)
+    tail = []
+    for q in np.quantile(y, probs):
+        k = r.count_below(q, inclusive=True)
+        low = k <= ind.size // 2
+        ind.fill(0.0 if low else 1.0)
+        ind[r.order[:k] if low else r.order[k:]] = 1.0 if low else 0.0
+        tail.append(_ess_chains(ind.reshape(sp.shape), workers=workers))
+    res["ess_tail"] = min(tail)
+
+
+def summarize(x, prob: tuple[float, float] = (0.05, 0.95), workers: int | None = None) -> dict:
     """All the usual diagnostics of each scalar with one sort per scalar.
 
-    Returns a dict of arrays shaped ``dims`` (floats for 2-D input): ``rhat`` (rank), ``rhat_bulk``,
-    ``rhat_tail``, ``rhat_split``, ``ess_bulk``, ``ess_tail``, ``ess_mean``, ``tau`` (integrated
-    autocorrelation time = draws*chains / ess_basic), ``mean``, ``sd``. (Vehtari et al. 2021.)
+    Returns a dict of floats (2-D input) or arrays shaped ``dims``: ``rhat`` (rank), ``rhat_bulk``,
+    ``rhat_tail``, ``rhat_split``, ``ess_bulk``, ``ess_tail``, ``ess_mean``, ``mcse_mean`` (sd /
+    sqrt(ess_mean), as arviz-stats' ``mcse(method="mean")``), ``tau`` (integrated autocorrelation
+    time = draws*chains / ess_basic), ``mean``, ``sd`` (Vehtari et al. 2021). Each equals the
+    separate function's value. One scalar's figures need all of its (chains, draws): a
+    distributed reduction hands whole scalars to workers and calls this once per scalar.
     """
     y, dims = _scalars(x)
-    s = y.shape[0]
-    sp = _split(y)
-    shp = (1, *sp.shape[1:])
-    res = {k: np.empty(s) for k in ("rhat", "rhat_bulk", "rhat_tail", "rhat_split", "ess_bulk",
-                                    "ess_tail", "ess_mean", "tau", "mean", "sd")}
-    for k in range(s):
-        r = _Ranked(sp[k].reshape(-1))
-        z = r.z().reshape(shp)
-        res["rhat_bulk"][k] = _rhat_core(z)[0]
-        res["rhat_tail"][k] = _rhat_core(r.folded_z().reshape(shp))[0]
-        res["rhat_split"][k] = _rhat_core(sp[k:k + 1])[0]
-        res["ess_bulk"][k] = _ess_core(z)[0]
-        q = np.quantile(y[k], prob) if y.shape[-1] % 2 else r.quantiles(prob)
-        ind = np.stack([(sp[k] <= qi).astype(np.float64) for qi in q])
-        res["ess_tail"][k] = np.min(_ess_core(ind))
-        res["ess_mean"][k] = _ess_core(sp[k:k + 1])[0]
-        res["tau"][k] = y.shape[1] * y.shape[2] / _ess_core(y[k:k + 1])[0]
-        res["mean"][k] = y[k].mean()
-        res["sd"][k] = y[k].std(ddof=1)
-    res["rhat"] = np.maximum(res["rhat_bulk"], res["rhat_tail"])
-    return {k: _out(v, dims) for k, v in res.items()}
+    w = _workers(workers, y[0].size)
+    rows = [_summary_one(y[k], _tail_probs(prob), w) for k in range(y.shape[0])]
+    return {key: _out([row[key] for row in rows], dims) for key in SUMMARY_KEYS}
 
 
-def integrated_autocorr_time(x):
+def integrated_autocorr_time(x, workers: int | None = None):
     """Integrated autocorrelation time tau = 1 + 2 sum_k rho_k, estimated from all chains together
     (chains as given, not split) with Geyer's (1992) initial monotone sequence: tau = C n / ESS.
 
@@ -419,7 +799,8 @@ def integrated_autocorr_time(x):
     if a.ndim == 1:
         a = a[None, :]
     y, dims = _scalars(a)
-    return _out(y.shape[1] * y.shape[2] / _ess_core(y), dims)
+    w = _workers(workers, y[0].size)
+    return _out([y[k].size / _ess_one(y[k], "basic", (), False, w) for k in range(y.shape[0])], dims)
 
 
 def batch_means_ess(x, batch_size: int | None = None, return_info: bool = False):
@@ -435,10 +816,11 @@ def batch_means_ess(x, batch_size: int | None = None, return_info: bool = False)
     """
     y, dims = _scalars(x)
     s, c, n = y.shape
+    w = _workers(None, c * n)
     out = np.empty(s)
     sizes, counts, taus = np.empty(s, dtype=np.int64), np.empty(s, dtype=np.int64), np.empty(s)
     for k in range(s):
-        tau = c * n / _ess_core(y[k:k + 1])[0]
+        tau = c * n / _ess_chains(y[k], workers=w)
         b = int(batch_size) if batch_size is not None else int(min(n, max(1, math.ceil(20 * tau))))
         if not 1 <= b <= n:
             raise ValueError(f"batch_size must be in [1, {n}], got {b}")
@@ -480,7 +862,7 @@ def _nested_core(y: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return np.sqrt(1.0 + b_nu / w_nu)
 
 
-def nested_rhat(x, superchain_ids, method: str = "rank"):
+def nested_rhat(x, superchain_ids, method: str = "rank", workers: int | None = None):
     """Nested R-hat for chains grouped in superchains (Margossian et al. 2024, eq. 7-9):
     nR-hat = sqrt(1 + B_nu / W_nu), B_nu the variance of superchain means, W_nu the mean over
     superchains of (between-chain variance within it + mean within-chain variance).
@@ -505,11 +887,14 @@ def nested_rhat(x, superchain_ids, method: str = "rank"):
         return _out(_nested_core(sp, ids2), dims)
     if method != "rank":
         raise ValueError(f"nested_rhat method must be rank, split or identity, got {method!r}")
+    w = _workers(workers, sp[0].size)
     out = np.empty(y.shape[0])
     shp = (1, *sp.shape[1:])
     for k in range(y.shape[0]):
-        r = _Ranked(sp[k].reshape(-1))
-        bulk = _nested_core(r.z().reshape(shp), ids2)[0]
-        tail = _nested_core(r.folded_z().reshape(shp), ids2)[0]
+        with _Buffers() as buffers:
+            r = _Ranked(sp[k].reshape(-1), w, buffers.take)
+            z = r.z()
+            bulk = _nested_core(z.reshape(shp), ids2)[0]
+            tail = _nested_core(r.folded_z(scratch=z).reshape(shp), ids2)[0]
         out[k] = max(bulk, tail)
     return _out(out, dims)
