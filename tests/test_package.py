@@ -81,7 +81,7 @@ def test_wheel_metadata(tmp_path):
 PKG = ROOT / "mmgm_ray"
 MATH_CORE = {"config", "validators", "noise", "models", "oracles", "integrators", "rng", "jumps", "engine",
              "torchio", "conditioning", "factory", "faults", "images", "nets", "data", "store", "diagnostics", "train",
-             "hardware", "planner"}
+             "hardware", "planner", "fastpath"}
 RAY_LAYER = {"cluster", "preflight", "pool", "postprocess", "pipeline", "train.ray_train", "cli"}
 
 
