@@ -25,6 +25,7 @@ minutes on a small CPU), so the whole table runs on a CPU in a minute or two, on
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -112,7 +113,9 @@ def pool_rate(cfg: RunConfig, model, fast: fastpath.FastOptions, device: torch.d
                                          "checkpoint_every": steps // 4, "cpus_per_actor": 1.0,
                                          "gpus_per_actor": 1.0 if device.type == "cuda" else 0.0,
                                          "device": device.type}})
-    ray.init(num_cpus=2, num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False, log_to_driver=False,
+    # address="local": a cluster of its own, never one found through $RAY_TMPDIR
+    ray.init(address="local", num_cpus=2, num_gpus=1 if device.type == "cuda" else 0, include_dashboard=False,
+             log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}})
     try:
         return float(run_pool(run, progress=False)["chain_steps_per_s"])
@@ -183,12 +186,7 @@ def main(argv=None) -> int:
     engine.initialize()
     walk = row("engine_reduced_walk", f"2 x {mb} chains, jumps every {scfg.jump_every}",
                lambda: rate(lambda: engine.step_once(), 2 * mb, device, min_t), "chain-steps/s", base=bare)
-    try:
-        import ray  # noqa: F401 - only to tell "Ray is absent" from a failing pool
-        have_ray = True
-    except ImportError:
-        have_ray = False
-    if have_ray:
+    if importlib.util.find_spec("ray") is not None:   # absent Ray is a skipped row, a failing pool an error
         row("pool_1_actor_uint8", f"{n['pool_chains']} chains x {n['pool_steps']} steps, Parquet uint8",
             lambda: pool_rate(cfg, model, fast, device, n), "chain-steps/s", base=walk)
     else:
