@@ -11,7 +11,7 @@ Rows, measured in one process (``bench/gpu_check.sh`` runs this under a time lim
 4. ``engine reduced walk``: ``WalkJumpEngine`` with those options, 2 micro-batches of chains;
 5. ``pool, 1 actor, uint8``: the Ray chain pool, one actor (one GPU), streaming jumps to a Parquet
    store as uint8 (steady rate, actor start-up and compilation excluded). Skipped in one line when
-   Ray cannot be imported at all (the GPU image has no Ray: see docs/GPU.md, "gpu_check").
+   Ray cannot be imported at all (a GPU image without Ray: docs/GPU.md, "The speed table").
 
 Columns: rate (images or chain-steps per second), TFLOP/s (network FLOPs counted by
 ``torch.utils.flop_counter`` on one forward), fraction of the matmul rate, and the row's ratio to
@@ -20,7 +20,7 @@ JSON object. ``--quick`` shrinks the network and the sizes and does not compile 
 minutes on a small CPU), so the whole table runs on a CPU in a minute or two, one thread
 (tests/test_bench.py runs ``--device cpu --quick``); compilation is tested in tests/test_fastpath.py.
 
-    python bench/gpu_check.py [--device cuda|cpu] [--quick] [--budget-s 330]
+    python bench/gpu_check.py [--device cuda|cpu] [--quick] [--min-time-s 2]
 """
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         row("pool_1_actor_uint8", f"{n['pool_chains']} chains x {n['pool_steps']} steps, Parquet uint8",
             lambda: pool_rate(cfg, model, fast, device, n), "chain-steps/s", base=walk)
     else:
-        rows.append(("pool_1_actor_uint8", "skipped: Ray is not importable here (docs/GPU.md, gpu_check)",
+        rows.append(("pool_1_actor_uint8", "skipped: Ray is not importable here (docs/GPU.md, The speed table)",
                      "", "", "", ""))
         res["pool_1_actor_uint8"] = "skipped: no Ray"
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
