@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from mmgm_ray import faults
 from mmgm_ray.config import RunConfig
 from mmgm_ray.store import (DamagedPartError, SampleStore, load_block_checkpoint, load_manifest, open_dataset,
                             read_samples)
+from s3_server import s3_bucket
 from pinned import cpu_dict, cpu_sets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,33 +413,8 @@ def test_case4_no_secret_in_the_gcs_actor_records_manifest_or_summary(ray_sessio
     assert SECRET not in json.dumps(summary, default=str)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-
-
 def _bucket(endpoint: str) -> str:
-    import boto3
-
-    name = f"edges-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=name)
-    return name
+    return s3_bucket(endpoint, "edges")
 
 
 NO_AWS = {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
