@@ -7,6 +7,7 @@ config fails before any worker starts. Each section's ``validate()`` checks valu
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from typing import Any, Literal, Optional, TypeVar, Union
 import yaml
 
 from mmgm_ray import validators as check
+
+#: a number in exponent form without a dot (1e-6), which YAML 1.2 reads as a float and PyYAML as a string
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 T = TypeVar("T")
 
@@ -67,6 +71,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
         return _from_dict(tp, value, key)
     if tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-6 (no dot) as a string; YAML 1.2 reads a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)

@@ -52,3 +52,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A local S3 server (moto over HTTP, credentials 'testing') for the session: its endpoint URL.
+    Tests create their own buckets with ``s3_server.s3_bucket``."""
+    from moto.server import ThreadedMotoServer  # the s3 test extra; only S3 tests need it
+
+    from fake_cluster import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+

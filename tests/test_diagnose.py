@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mmgm_ray.config import RunConfig, from_dict
 from mmgm_ray.data import ImageDataset, load_digits
 from mmgm_ray.diagnostics.classifier import ClassifierConfig, cached_classifier, classifier_from_bytes, _split
 from mmgm_ray.diagnostics.functionals import Functionals, FunctionalsRequest, FunctionalsSpec, PCABasis, sha256_bytes
 from mmgm_ray.jumps import DivergenceEvent, JumpBatch
 from mmgm_ray.postprocess import Window, diagnose, load_functionals, open_committed
 from mmgm_ray.store import create_run, sync_manifest_from_checkpoints, update_manifest
+from pinned import cpu_dict
 
 DIGITS = {"name": "digits"}
 
@@ -212,8 +212,9 @@ def test_job_script_runs_the_cli(tmp_path):
     import sys
     run = write_run(tmp_path, "run", np.full(8, 0.5), 12, seed=3)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, os.path.join(root, "jobs", "diagnose.py"), run, "--local", "--json",
-                           "--stats", "mean_intensity"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(  # unpinned on purpose: diagnose builds no run config; --local runs on the CPU
+        [sys.executable, os.path.join(root, "jobs", "diagnose.py"), run, "--local", "--json", "--stats", "mean_intensity"],
+        capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rep["chains"] == 8 and rep["draws"] == 12 and set(rep["stats"]) == {"mean_intensity"}
@@ -241,7 +242,7 @@ def test_arviz_export_gives_the_same_figures(tmp_path, capsys):
 # ---- incremental --------------------------------------------------------------------------------
 
 def _gmm_cfg(root, steps):
-    return from_dict(RunConfig, {
+    return cpu_dict({
         "name": "run", "output": str(root), "seed": 5, "noise": {"sigma": 1.0, "M": 4},
         "oracle": {"kind": "gmm"}, "data": {"name": "gmm", "gmm_samples": 2000},
         "sampler": {"block_size": 48, "jump_every": 5}, "store": {"rows_per_file": 100, "sample_dtype": "float32"},

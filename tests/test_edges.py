@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,9 +29,11 @@ import pytest
 import torch
 
 from mmgm_ray import faults
-from mmgm_ray.config import RunConfig, from_dict
+from mmgm_ray.config import RunConfig
 from mmgm_ray.store import (DamagedPartError, SampleStore, load_block_checkpoint, load_manifest, open_dataset,
                             read_samples)
+from s3_server import s3_bucket
+from pinned import cpu_dict, cpu_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAINS, STEPS, JUMP, CKPT = 256, 40, 5, 10
@@ -49,7 +50,7 @@ def small(out, name, **pool) -> dict:
 
 
 def cfg_of(d: dict) -> RunConfig:
-    return from_dict(RunConfig, json.loads(json.dumps(d)))
+    return cpu_dict(json.loads(json.dumps(d)))
 
 
 def yaml_file(tmp: Path, d: dict) -> str:
@@ -291,7 +292,7 @@ def test_case2_resume_refuses_a_damaged_old_part_naming_it(finished, tmp_path):
     before = {p: p.read_bytes() for p in (tmp_path / "ref").rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'ref'}/{old}")):
         run_pool(cfg_of(small(tmp_path, "ref")), resume=True, progress=False)
-    assert cli.main(["sample", "--resume", str(tmp_path / "ref"), "--no-progress"]) == 2
+    assert cli.main(["sample", "--resume", str(tmp_path / "ref"), "--no-progress", *cpu_sets()]) == 2
     assert before == {p: p.read_bytes() for p in (tmp_path / "ref").rglob("*") if p.is_file()}
 
 
@@ -326,20 +327,23 @@ def test_case2_checksums_catch_a_same_size_corruption(tmp_path):
 
 @pytest.mark.ray
 def test_case3_failed_start_is_one_line_and_the_name_stays_usable(address, tmp_path):
-    """Case 3: `pool.device=cuda` without CUDA failed inside the actors with a 100-line traceback and
-    left a "failed" run that could be neither rerun nor resumed with the fixed value. Now: one line
-    naming the setting, and both a plain rerun and a `--resume` with corrected values work."""
+    """Case 3: an actor whose constructor refuses its settings (here the memory plan: chains that do
+    not fit ``pool.memory_fraction``; before config validation caught it, ``pool.device=cuda`` without
+    CUDA did the same) failed with a 100-line traceback and left a "failed" run that could be neither
+    rerun nor resumed with the fixed value. Now: one line naming the setting, and both a plain rerun
+    and a `--resume` with corrected values work."""
     runs = tmp_path / "runs"
     for name, retry in (("plain", []), ("resumed", ["--resume", runs / "resumed", "--set", "seed=7"])):
-        bad = yaml_file(tmp_path, small(runs, name, device="cuda"))
+        bad = yaml_file(tmp_path, small(runs, name, memory_fraction=1e-6))
         r = mmgm("sample", "--config", bad, "--address", address, "--no-progress")
-        one_line_failure(r, "sample", 2, "could not start", "pool.device='cuda'", "CUDA is not available")
+        one_line_failure(r, "sample", 2, "could not start", "ValueError: an actor with 128 chains needs",
+                         "pool.num_actors")
         assert len(r.stderr.strip().splitlines()) < 10, r.stderr
         assert load_manifest(str(runs / name))["status"] == "failed"
         if not retry:
             r = mmgm("sample", "--config", yaml_file(tmp_path, small(runs, name)), "--address", address, "--no-progress")
         else:
-            r = mmgm("sample", *retry, "--set", "pool.device=cpu", "--address", address, "--no-progress")
+            r = mmgm("sample", *retry, "--set", "pool.memory_fraction=0.8", "--address", address, "--no-progress")
         assert r.returncode == 0, r.stderr[-3000:]
         assert result_json(r)["status"] == "done"
     assert load_manifest(str(runs / "resumed"))["config"]["seed"] == 7
@@ -373,7 +377,7 @@ def test_case4_credentials_are_not_copied_into_the_actor_runtime_env(monkeypatch
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-EDGES")
-    cfg = from_dict(RunConfig, {"oracle": {"kind": "gmm"}, "data": {"name": "gmm"}})
+    cfg = cpu_dict({"oracle": {"kind": "gmm"}, "data": {"name": "gmm"}})
     opts = json.dumps(driver._actor_options(cfg, None), default=str)
     assert SECRET not in opts and "AKIA-EDGES" not in opts
     monkeypatch.setenv(faults.ENV, json.dumps({"actor_step_sleep": 0.0}))
@@ -409,33 +413,8 @@ def test_case4_no_secret_in_the_gcs_actor_records_manifest_or_summary(ray_sessio
     assert SECRET not in json.dumps(summary, default=str)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-
-
 def _bucket(endpoint: str) -> str:
-    import boto3
-
-    name = f"edges-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=name)
-    return name
+    return s3_bucket(endpoint, "edges")
 
 
 NO_AWS = {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
@@ -503,7 +482,7 @@ def _empty_dir(p: Path) -> Path:
 
 @pytest.mark.parametrize("make, fragments", [
     (lambda p: p / "missing", ["no run at", "no such folder"]),
-    (_empty_dir, ["no sample parts under", "no manifest"]),
+    (_empty_dir, ["no run manifest (manifest.json) there", "give a sampling run's folder or URL"]),
     (_manifest_missing_keys, ["manifest.json: run manifest lacks ['run_id', 'event_shape', 'sample_dtype']"]),
     (_garbage_manifest, ["manifest.json is not valid JSON ("]),
 ], ids=["missing-path", "empty-dir", "manifest-missing-keys", "garbage-manifest"])
@@ -637,7 +616,7 @@ def test_case9_lost_manifest_is_rebuilt_from_the_block_checkpoints(finished, tmp
     (tmp_path / "ref" / "manifest.json").unlink()
     with pytest.raises(ValueError, match="has block checkpoints but no manifest.json"):
         run_pool(cfg_of(small(tmp_path, "ref")), progress=False)
-    assert cli.main(["sample", "--resume", url, "--no-progress"]) == 0
+    assert cli.main(["sample", "--resume", url, "--no-progress", *cpu_sets()]) == 0
     assert "manifest.json is missing: rebuilt from the block checkpoints" in capsys.readouterr().err
     man = load_manifest(url)
     assert man["status"] == "done" and man["extra"]["rebuilt"]["from"].endswith("block checkpoints")

@@ -223,9 +223,9 @@ def test_fid_cli_smoke_and_cache(tmp_path, capsys):
 @pytest.mark.slow
 def test_jobs_fid_runs_as_a_subprocess(tmp_path, inception_reference):
     url = image_run(tmp_path, chains=3, jumps=1, shape=(1, 8, 8), diverge=None)
-    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "fid.py"), url, "--n", "3", "--local", "--ref",
-                        inception_reference, "--batch-size", "3", "--json"], capture_output=True, text=True,
-                       timeout=600, cwd=str(tmp_path))
+    p = subprocess.run(  # unpinned on purpose: fid builds no run config; --device cpu pins Inception
+        [sys.executable, str(ROOT / "jobs" / "fid.py"), url, "--n", "3", "--local", "--ref", inception_reference,
+         "--batch-size", "3", "--json", "--device", "cpu"], capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads(p.stdout)
     assert rep["n"] == 3 and rep["reference"] == inception_reference and rep["fid"] > 0 and rep["cache"] is None

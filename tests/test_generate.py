@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from image_stores import add_uncommitted_part, image_run
-from mmgm_ray.config import DataConfig, RunConfig, from_dict
+from mmgm_ray.config import DataConfig
 from mmgm_ray.data import ImageDataset, load_dataset, write_parquet_dataset
 from mmgm_ray.pool import generate_dataset
 from mmgm_ray.postprocess import open_committed
 from mmgm_ray.postprocess.generate import first_rows, write_generated
 from mmgm_ray.store import read_samples
+from pinned import cpu_dict
 
 JUMP = 2
 
@@ -67,8 +68,8 @@ def test_first_rows_and_refusals(tmp_path):
     np.testing.assert_array_equal(first_rows(open_committed(url), 13, 2, 2, JUMP), xs)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x.parquet").write_bytes(b"")
-    cfg = from_dict(RunConfig, {"name": "gen", "output": str(tmp_path / "runs"), "oracle": {"kind": "gmm"},
-                                "data": {"name": "gmm"}, "pool": {"num_chains": 4}})
+    cfg = cpu_dict({"name": "gen", "output": str(tmp_path / "runs"), "oracle": {"kind": "gmm"},
+                    "data": {"name": "gmm"}, "pool": {"num_chains": 4}})
     with pytest.raises(ValueError, match="already exists and is not an empty folder"):
         generate_dataset(cfg, str(tmp_path / "taken"), num_samples=4, progress=False)
     assert not (tmp_path / "runs").exists()

@@ -10,9 +10,7 @@ import hashlib
 import json
 import pathlib
 import random
-import socket
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +24,7 @@ from mmgm_ray.engine import WalkJumpEngine, chain_blocks
 from mmgm_ray.factory import load_sampling_model
 from mmgm_ray.store import (StoreNotWritableError, create_run, load_manifest, open_dataset, read_divergences,
                             read_lease, read_samples, sync_manifest_from_checkpoints)
+from s3_server import s3_bucket
 from pinned import cpu_dict, cpu_sets
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -366,46 +365,31 @@ def test_diverging_chain_isolated_and_reported(ray_session, tmp_path):
 
 # ---- s3:// through s3fs against a local S3 server (moto, over HTTP) -----------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_s3_store_via_moto_server(reference, tmp_path):
+def test_s3_store_via_moto_server(reference, tmp_path, moto_endpoint):
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from mmgm_ray.pool import run_pool
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        opts = {"key": "testing", "secret": "testing", "skip_instance_cache": True,
-                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                              aws_secret_access_key="testing", region_name="us-east-1")
-        bucket = f"mmgm-{uuid.uuid4().hex[:8]}"
-        client.create_bucket(Bucket=bucket)
-        cfg = gmm_cfg(f"s3://{bucket}/runs", "ref")
-        summary = run_pool(cfg, storage_options=opts, progress=False)
-        assert summary["status"] == "done"
-        assert_same_rows(summary["url"], reference[2], storage_options=opts)
-        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                for o in page.get("Contents", [])]
-        man = load_manifest(summary["url"], opts)
-        parts = sorted(k for k in keys if "/samples/" in k)
-        assert parts == sorted(f"runs/ref/{f}" for b in man["blocks"].values() for f in b["files"])
-        assert "runs/ref/manifest.json" in keys
-        n_blocks = len(chain_blocks(CHAINS, 128))       # one checkpoint and one lease per block
-        assert sum("/checkpoints/" in k and k.endswith(".pt") for k in keys) == n_blocks
-        assert sum(k.endswith("/lease.json") for k in keys) == n_blocks
-        assert not any(k.rsplit("/", 1)[1].startswith(".") for k in keys)
-    finally:
-        server.stop()
+    opts = {"key": "testing", "secret": "testing", "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}
+    client = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    bucket = s3_bucket(moto_endpoint)
+    cfg = gmm_cfg(f"s3://{bucket}/runs", "ref")
+    summary = run_pool(cfg, storage_options=opts, progress=False)
+    assert summary["status"] == "done"
+    assert_same_rows(summary["url"], reference[2], storage_options=opts)
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    man = load_manifest(summary["url"], opts)
+    parts = sorted(k for k in keys if "/samples/" in k)
+    assert parts == sorted(f"runs/ref/{f}" for b in man["blocks"].values() for f in b["files"])
+    assert "runs/ref/manifest.json" in keys
+    n_blocks = len(chain_blocks(CHAINS, 128))       # one checkpoint and one lease per block
+    assert sum("/checkpoints/" in k and k.endswith(".pt") for k in keys) == n_blocks
+    assert sum(k.endswith("/lease.json") for k in keys) == n_blocks
+    assert not any(k.rsplit("/", 1)[1].startswith(".") for k in keys)
 
 
 # ---- bad input ------------------------------------------------------------------------------------

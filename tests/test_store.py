@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -679,26 +678,11 @@ def test_memory_filesystem_round_trip():
     assert load_manifest(store.url)["seeds"] == [1, 2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def moto_s3():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+def moto_s3(moto_endpoint):
     opts = {"key": "testing", "secret": "testing", "skip_instance_cache": True,
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    try:
-        yield endpoint, opts
-    finally:
-        server.stop()
+            "client_kwargs": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"}}
+    return moto_endpoint, opts
 
 
 def test_s3_round_trip_through_moto_server(moto_s3):

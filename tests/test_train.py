@@ -28,7 +28,7 @@ from mmgm_ray import faults
 from mmgm_ray.cli import main as mmgm_main
 from mmgm_ray.factory import build_oracle, load_artifact
 from mmgm_ray.train.loop import noise_seed, read_metrics, train_local
-from pinned import cpu_config, cpu_sets
+from pinned import cpu_config, cpu_dict, cpu_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -149,6 +149,18 @@ def test_bad_configs_fail_clearly(tmp_path, capsys):
     with pytest.raises(ValueError, match="noise.sigma"):
         validate_run(cfg)
     assert not (tmp_path / "digits").exists()  # nothing was written: no run started
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-6`` as the string '1e-6'; a float field takes it as YAML 1.2
+    does, while a word in a float field is still one line naming the key."""
+    import yaml  # only this test reads YAML directly
+
+    d = yaml.safe_load("train: {lr: 3e-4}\npool: {memory_fraction: 1e-6}\nsampler: {delta: .5E+0}")
+    cfg = cpu_dict(d)
+    assert (cfg.train.lr, cfg.pool.memory_fraction, cfg.sampler.delta) == (3e-4, 1e-6, 0.5)
+    with pytest.raises(ValueError, match="config key 'train.lr': expected a number, got 'fast'"):
+        cpu_dict({"train": {"lr": "fast"}})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def generate_dataset(cfg: RunConfig, out: Optional[str] = None, *, num_samples: 
     target = out or f"{summary['url']}/dataset"
     sel = (p["num_samples"], p["burn_in"], p["thin"], cfg.sampler.jump_every)
     res = write_generated(summary["url"], target, *sel, sample_dtype=sample_dtype, name=f"generate:{cfg.name}",
-                          storage_options=storage_options)
+                          storage_options=storage_options, replace=out is None)
     summary.update({"dataset": target, "dataset_files": res["files"], "written": res["written"],
                     "short": max(0, p["num_samples"] - res["written"]), "pngs": 0, "grid": None})
     view = open_committed(summary["url"], storage_options)

@@ -80,10 +80,12 @@ def first_rows(view: CommittedView, n: int, burn_in: int, thin: int, jump_every:
 
 def write_generated(run_url: str, out: str, num_samples: int, burn_in: int, thin: int, jump_every: int, *,
                     sample_dtype: str = "float32", name: str = "generate",
-                    storage_options: Optional[dict] = None) -> dict:
+                    storage_options: Optional[dict] = None, replace: bool = False) -> dict:
     """Write the first ``num_samples`` kept jumps of the run at ``run_url`` (module docstring) as a
     Parquet data set folder ``out``; returns ``{dataset, written, files}``. ValueError when no
-    sample survives burn-in and thinning (nothing written)."""
+    sample survives burn-in and thinning (nothing written). ``replace``: ``out`` is the run's own
+    data set folder (``{run}/dataset``), rewritten by a resume, so an earlier set there is replaced
+    once the new one is staged; any other ``out`` must be absent or an empty folder."""
     require_ray("mmgm generate's data set writer")
     if sample_dtype not in SAMPLE_DTYPES:
         raise ValueError(f"sample_dtype must be one of {list(SAMPLE_DTYPES)}, got {sample_dtype!r}")
@@ -91,7 +93,8 @@ def write_generated(run_url: str, out: str, num_samples: int, burn_in: int, thin
     where, count = plan_generation(view, num_samples, burn_in, thin, jump_every, on_ray=True)
     if not count:
         raise ValueError(f"generate: no sample survived burn-in/thinning in {run_url} (all chains diverged?)")
-    check_target(out)
+    if not replace:
+        check_target(out)
     schema = output_schema(view, sample_dtype, name)
     ds = view.ray_dataset(["chain_id", "step", "sample"], filter=where).map_batches(
         encode_rows, fn_kwargs={"info": view.info, "sample_dtype": sample_dtype, "schema": schema},
@@ -103,8 +106,8 @@ def write_generated(run_url: str, out: str, num_samples: int, burn_in: int, thin
     try:
         ds.write_parquet(staging, filesystem=afs, schema=schema, filename_provider=_PartNames(),
                          mode=SaveMode.OVERWRITE, compression="zstd")
-        if fs.exists(target):  # an empty folder (check_target): replaced by the staged one
-            fs.rmdir(target)
+        if fs.exists(target):  # an empty folder (check_target), or the run's own earlier set (replace)
+            fs.rm(target, recursive=True)
         fs.mv(staging, target, recursive=True)
     finally:
         if fs.exists(staging):

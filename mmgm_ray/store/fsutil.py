@@ -262,28 +262,24 @@ def remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
         pass
 
 
-def list_sizes(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
-    """{base name: size in bytes} of the files directly in ``folder`` (empty if it does not exist)."""
+def _fresh_listing(fs: fsspec.AbstractFileSystem, folder: str, detail: bool) -> list:
+    """``fs.ls(folder)`` past fsspec's listing cache (other processes write here); [] if absent."""
     try:
         fs.invalidate_cache(folder)
     except Exception:
         pass
     try:
-        entries = fs.ls(folder, detail=True)
+        return fs.ls(folder, detail=detail)
     except (FileNotFoundError, NotADirectoryError):
-        return {}
+        return []
+
+
+def list_sizes(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
+    """{base name: size in bytes} of the files directly in ``folder`` (empty if it does not exist)."""
     return {posixpath.basename(str(e["name"]).rstrip("/")): int(e.get("size") or 0)
-            for e in entries if e.get("type", "file") == "file"}
+            for e in _fresh_listing(fs, folder, True) if e.get("type", "file") == "file"}
 
 
 def list_names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     """Base names of the files directly in ``folder`` (empty if it does not exist), fresh listing."""
-    try:
-        fs.invalidate_cache(folder)
-    except Exception:
-        pass
-    try:
-        entries = fs.ls(folder, detail=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+    return sorted(posixpath.basename(str(e).rstrip("/")) for e in _fresh_listing(fs, folder, False))
