@@ -254,6 +254,35 @@ def measure_micro_batch(fn: ScoreFn, options: FastOptions, device: torch.device,
     return balanced_micro_batch(n_chains, best), best_rate
 
 
+def _fastest_autocast(sampler: SamplerConfig, fn: ScoreFn, base: FastOptions, device: torch.device,
+                      chain_shape: Sequence[int], n_chains: int, bound: Optional[int],
+                      explicit_mb: int) -> tuple[FastOptions, int, Optional[float]]:
+    """(options with their autocast, micro-batch, rows/s or None) for ``sampler.autocast``.
+
+    "auto" is the device's native low precision (``native_low_precision``) on CUDA. On a CPU both
+    float32 and the native one are measured (eager) and low precision is kept only when >= 3% faster:
+    on a 2-core AVX512-BF16 CPU without AMX, eager bf16 ran the digits U-Net at half the float32
+    rate (``bench/sampler.py``, README "Performance"), the casts costing more than the arithmetic.
+    """
+    native = native_low_precision(device) if sampler.autocast == "auto" else sampler.autocast
+    names = ["float32", native] if sampler.autocast == "auto" and device.type == "cpu" and native != "float32" \
+        else [native]
+    best = None
+    for name in names:
+        opts = dataclasses.replace(base, autocast=name)
+        if explicit_mb and len(names) == 1:
+            return opts, balanced_micro_batch(n_chains, explicit_mb), None
+        if explicit_mb:
+            mb = balanced_micro_batch(n_chains, explicit_mb)
+            rate = rows_per_second(FastScore(fn, dataclasses.replace(opts, micro_batch=mb), device, chain_shape),
+                                   mb, chain_shape, device)
+        else:
+            mb, rate = measure_micro_batch(fn, opts, device, chain_shape, n_chains, bound)
+        if best is None or rate > 1.03 * best[2]:
+            best = (opts, mb, rate)
+    return best
+
+
 def resolve_options(sampler: SamplerConfig, model: nn.Module, device: torch.device | str,
                     chain_shape: Sequence[int], n_chains: int, work_chain_steps: int,
                     max_micro_batch: Optional[int] = None, micro_batch: int = 0) -> FastOptions:
@@ -262,7 +291,7 @@ def resolve_options(sampler: SamplerConfig, model: nn.Module, device: torch.devi
 
     - ``fast="off"``: float32 eager; all chains in one forward unless ``micro_batch`` or the memory
       bound ``max_micro_batch`` says otherwise.
-    - ``fast="on"``: native low precision (``native_low_precision``), channels_last for conv nets on
+    - ``fast="on"``: low precision where it is faster (``_fastest_autocast``), channels_last for conv nets on
       CUDA, compile (and CUDA graphs on CUDA), the measured micro-batch; the explicit ``autocast``
       / ``compile`` fields and ``micro_batch`` override. With all three explicit nothing is measured
       and the options are a pure function of the config, the model and the device.
@@ -277,15 +306,11 @@ def resolve_options(sampler: SamplerConfig, model: nn.Module, device: torch.devi
     if sampler.fast == "off" or (sampler.fast == "auto" and not _has_network(model)):
         mb = explicit_mb or (bound if bound and bound < n_chains else 0)
         return dataclasses.replace(OFF, micro_batch=balanced_micro_batch(n_chains, mb) if mb else 0)
-    autocast = native_low_precision(device) if sampler.autocast == "auto" else sampler.autocast
     # NHWC pays on GPUs (tensor cores); on CPUs oneDNN showed no gain for these nets (measured)
     nhwc = device.type == "cuda" and _has_conv(model) and len(chain_shape) == 3
-    opts = FastOptions(autocast=autocast, channels_last=nhwc)
     fn = score_function(model, sampler.walk)
-    if explicit_mb:
-        mb, rate = balanced_micro_batch(n_chains, explicit_mb), None
-    else:
-        mb, rate = measure_micro_batch(fn, opts, device, chain_shape, n_chains, bound)
+    opts, mb, rate = _fastest_autocast(sampler, fn, FastOptions(channels_last=nhwc), device, chain_shape,
+                                       n_chains, bound, explicit_mb)
     if sampler.compile == "auto" and sampler.fast == "auto":
         if isinstance(model, EnergyScoreModel):
             compile_ = False

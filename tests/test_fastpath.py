@@ -124,13 +124,32 @@ def test_auto_is_off_for_oracles_and_compiles_only_long_runs_of_networks(monkeyp
     model = _mlp_model()
     monkeypatch.setattr(fastpath, "measure_micro_batch", lambda *a, **k: (64, 1000.0))   # 1,000 rows/s
     short = fastpath.resolve_options(auto, model, CPU, (4,), 512, 1000)
-    assert short == FastOptions(fastpath.native_low_precision(CPU), False, False, False, 64)
+    assert short == FastOptions("float32", False, False, False, 64)   # low precision no faster: float32
     long = fastpath.resolve_options(auto, model, CPU, (4,), 512, 1000 * int(fastpath.COMPILE_PAYBACK_S["cpu"] + 1))
     assert long.compile and not long.cuda_graphs
     energy = MEM2(MLP(3 * 4, 16, 1), GaussianMNM(1.0, 3), (4,))
     assert not fastpath.resolve_options(SamplerConfig(walk="full"), energy, CPU, (3, 4), 512, 10 ** 12).compile
     on = fastpath.resolve_options(SamplerConfig(fast="on", autocast="float32"), model, CPU, (4,), 512, 1)
     assert on == FastOptions("float32", False, True, False, 64)
+
+
+def test_cpu_autocast_auto_keeps_low_precision_only_when_measured_faster(monkeypatch):
+    """On a CPU "auto" measures float32 and the native low precision and keeps the faster (by >= 3%);
+    on a CPU without native bf16 only float32 is measured."""
+    model = _mlp_model()
+    auto = SamplerConfig(compile="off")
+    for native, bf16_rate, expect in (("bfloat16", 2000.0, "bfloat16"), ("bfloat16", 500.0, "float32"),
+                                      ("bfloat16", 1020.0, "float32"), ("float32", 2000.0, "float32")):
+        seen = []
+
+        def measure(fn, options, *a, **k):
+            seen.append(options.autocast)
+            return 64, bf16_rate if options.autocast == "bfloat16" else 1000.0
+
+        monkeypatch.setattr(fastpath, "native_low_precision", lambda device: native)
+        monkeypatch.setattr(fastpath, "measure_micro_batch", measure)
+        assert fastpath.resolve_options(auto, model, CPU, (4,), 512, 10).autocast == expect
+        assert seen == (["float32", "bfloat16"] if native == "bfloat16" else ["float32"])
 
 
 def test_compile_failure_warns_once_and_runs_eager(monkeypatch):
