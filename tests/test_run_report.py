@@ -26,8 +26,11 @@ from mmgm_ray.postprocess import Window, diagnose, load_functionals
 from mmgm_ray.postprocess.run_report import run_inputs
 from mmgm_ray.report import SECTION_IDS
 from mmgm_ray.store import read_samples
+import test_report
 from test_diagnose import digits_run
-from test_report import PNG_MAGIC, browser  # noqa: F401 - the chromium fixture
+from test_report import PNG_MAGIC
+
+browser = test_report.browser  # the headless chromium fixture of the report tests
 
 DIGITS = {"name": "digits"}
 BURN_IN = 4
@@ -199,22 +202,30 @@ def test_fid_failure_keeps_the_diagnostics_and_the_page(labelled, tmp_path, monk
                                    "sections are unaffected)."}
 
 
-def test_bad_runs_give_one_line(tmp_path):
+def test_bad_runs_give_one_line(tmp_path, capsys):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, os.path.join(root, "jobs", "report.py"), str(tmp_path / "empty")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == f"mmgm report: error: no run at {tmp_path / 'empty'}: neither a manifest.json nor a report.json " \
+                   f"there (nor in {tmp_path / 'empty'}-samples)"
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "report.json").write_text("{not json")
-    for run, words in ((tmp_path / "empty", "no run at"), (tmp_path / "bad", "report.json is not valid JSON")):
-        proc = subprocess.run([sys.executable, os.path.join(root, "jobs", "report.py"), str(run)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and proc.stdout == ""
-        (line,) = proc.stderr.strip().splitlines()
-        assert line.startswith("mmgm report: error:") and words in line, line
-    assert main(["report", str(tmp_path / "empty"), "--frames", "0"]) == 2
+    assert main(["report", str(tmp_path / "bad")]) == 2
+    assert main(["report", str(tmp_path / "bad"), "--frames", "0"]) == 2
+    assert main(["report", str(tmp_path / "bad"), "--out", str(tmp_path / "bad" / "report.json" / "x.html")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"mmgm report: error: {tmp_path / 'bad'}/report.json is not valid JSON"), err
+    assert err[1:] == ["mmgm report: error: --frames must be >= 1, got 0",
+                       f"mmgm report: error: --out {tmp_path / 'bad' / 'report.json' / 'x.html'}: "
+                       f"{tmp_path / 'bad' / 'report.json'} is a file, not a folder"]
+    assert sorted(os.listdir(tmp_path / "bad")) == ["report.json"]   # nothing written
 
 
 @pytest.mark.slow
-def test_page_of_a_real_run_loads_every_image_in_chromium(labelled, browser, capsys):  # noqa: F811
+def test_page_of_a_real_run_loads_every_image_in_chromium(labelled, browser, capsys):
     path, page = _report_page(capsys, labelled, "--out", f"{labelled}/browser.html")
     browser.get_log("browser")
     browser.get("file://" + path)
