@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from mmgm_ray.cli import main
+from mmgm_ray.diagnostics import transitions
 from mmgm_ray.diagnostics.functionals import FunctionalsRequest
 from mmgm_ray.pipeline import _score_or_record, write_report
 from mmgm_ray.postprocess import Window, diagnose, load_functionals
@@ -148,6 +149,27 @@ def test_report_of_a_labelled_run_has_every_section(labelled, capsys, tmp_path):
     assert not os.path.exists(f"{labelled}/report.html")
     path, _ = _report_page(capsys, labelled.removesuffix("-samples"))
     assert path == f"{labelled}/report.html"
+
+
+def test_class_statistics_from_the_labels_when_the_report_has_none(labelled, tmp_path):
+    # diagnose skips transitions below 4 draws per chain (and a run may lack report.json): the
+    # page takes them from the table's class labels, over the complete chains of the window
+    run = str(tmp_path / "copy")
+    shutil.copytree(labelled, run)
+    report = json.loads(open(f"{run}/report.json").read())
+    recorded = report["diagnostics"].pop("transitions")
+    write_report(run, report)
+    inp = run_inputs(run)
+    lab, _, _ = load_functionals(run, ["class_label"], window=Window(burn_in=BURN_IN), complete_only=True)
+    lab = lab["class_label"].astype(np.int64)
+    np.testing.assert_array_equal(inp.transition_matrix, transitions.transition_matrix(lab, 10))
+    np.testing.assert_array_equal(inp.class_frequencies, np.bincount(lab.ravel(), minlength=10) / lab.size)
+    # the same figures diagnose recorded from the same labels
+    np.testing.assert_allclose(inp.transition_matrix, np.asarray(recorded["transition_matrix"], float),
+                               rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(inp.class_frequencies, recorded["occupancy"], rtol=1e-12)
+    np.testing.assert_allclose(inp.data_class_frequencies, recorded["reference"], rtol=1e-12)
+    assert run_inputs(labelled).transition_matrix is None   # the recorded ones are used when there
 
 
 def test_report_without_labels_or_fid_explains_the_missing_sections(tmp_path, capsys):

@@ -7,7 +7,8 @@ A sampling run folder holds everything the page shows, each part optional:
 * ``report.json`` (written by ``mmgm run`` after every stage): the training summary, the mixing
   diagnostics (:func:`mmgm_ray.postprocess.diagnose`) and FID with its windows;
 * ``functionals/``: the diagnose functionals table (:func:`load_functionals`): traces, rank plots,
-  autocorrelations, and each jump's class when a classifier labelled them;
+  autocorrelations, and each jump's class when a classifier labelled them (class transitions and
+  frequencies come from there when the report has none: runs shorter than 4 draws per chain);
 * the store's committed parts: the final (or, in progress, latest) jumps and the filmstrips
   (:func:`open_committed`, :func:`decode_samples`), read with a filter on a few chains only;
 * the training run's ``metrics.jsonl`` (the folder of the recorded ``model_path``): the loss curve.
@@ -26,6 +27,7 @@ from typing import Optional
 import numpy as np
 import pyarrow.compute as pc
 
+from mmgm_ray.diagnostics import transitions
 from mmgm_ray.postprocess.diagnose import load_functionals
 from mmgm_ray.postprocess.reduce import Window
 from mmgm_ray.postprocess.source import CommittedView, decode_samples, open_committed
@@ -128,6 +130,24 @@ def _functionals(run_url: str, report: dict, storage_options: Optional[dict]):
     return arrays, labels, ids, jumps
 
 
+def _class_stats(run_url: str, report: dict, labels: Optional[np.ndarray], storage_options) -> dict:
+    """Class transitions and frequencies from the table's class labels (complete chains of the
+    window) when the report has none: diagnostics skip them below 4 draws per chain, or were not
+    recorded in a report.json, yet the classifier labelled every jump."""
+    if labels is None or (report.get("diagnostics") or {}).get("transitions"):
+        return {}
+    labels = labels[(labels >= 0).all(axis=1)]
+    cls = open_table(run_url, storage_options).spec.classifier or {}
+    if not labels.size or not cls.get("num_classes"):
+        return {}
+    k, ref = int(cls["num_classes"]), cls.get("class_frequencies")
+    occ = transitions.class_occupancy(labels, ref, k)
+    out = {"class_frequencies": occ["occupancy"], "data_class_frequencies": ref}
+    if labels.shape[1] >= 2:
+        out["transition_matrix"] = transitions.transition_matrix(labels, k)
+    return out
+
+
 def _jump_keys(view: CommittedView, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """(chain_id, jump_index) of every non-diverged jump of the chains with id below ``limit``."""
     where = (pc.field("chain_id") < limit) & ~pc.field("diverged")
@@ -220,6 +240,7 @@ def run_inputs(run: str, *, storage_options: Optional[dict] = None, n_final: int
     if "filmstrip" in images and labels is not None:
         images["filmstrip_labels"] = _film_labels(run_url, images["filmstrip_chain_ids"], images["filmstrip_jumps"],
                                                   storage_options)
+    images.update(_class_stats(run_url, report, labels, storage_options))
     diag = report.get("diagnostics") or {}
     thresholds = {k: float(diag[k]) for k in ("rhat_threshold", "min_ess") if diag.get(k) is not None}
     if thresholds.get("rhat_threshold", 2.0) <= 1.0:
