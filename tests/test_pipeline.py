@@ -19,6 +19,7 @@ TINY = ["train.steps=30", "train.checkpoint_every=30", "train.log_every=10", "tr
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two main jobs (the rerun reuses the store but renders the page again) on 2 shared cores
 def test_main_job_end_to_end_and_rerun_resumes(ray_session, tmp_path, capfd):
     cfg = cpu_config("digits", *TINY, f"output={tmp_path}", "name=main")
     rep = run_pipeline(cfg, progress=False)
