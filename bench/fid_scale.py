@@ -66,7 +66,8 @@ def inception_rates(url: str, n: int, cpus: int) -> dict:
     out["local_img_s"] = images / (time.perf_counter() - t)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    on_ray = FeatureSettings(batch_size=16, actors=1, cpus_per_actor=cpus, progress=False)
+    # one actor on all CPUs but one: Ray Data's read tasks need a CPU of their own
+    on_ray = FeatureSettings(batch_size=16, actors=1, cpus_per_actor=max(1, cpus - 1), progress=False)
     for key in ("ray_cold_img_s", "ray_warm_img_s"):
         t = time.perf_counter()
         _, _, images = run_feature_stats(select_run(url, n, select="spread"), on_ray)
