@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     ns = [int(s) for s in a.gen_n.split(",")]
     root = tempfile.mkdtemp(prefix="mmgm-bench-post-")
     url = make_store(root, a.chains, max(2, -(-max(ns) // a.chains)))
-    res = {"bench": "postprocess", "cpus": os.cpu_count(), "store": {"chains": a.chains, "shape": list(SHAPE)},
+    res = {"bench": "fid_scale", "cpus": os.cpu_count(), "store": {"chains": a.chains, "shape": list(SHAPE)},
            "inception": inception_rates(url, a.fid_n, a.cpus), "generate": []}
     rest = {mode: run_child(f"rest-{mode}", url, 0, "", a.cpus)["maxrss_mb"] for mode in ("old", "new")}
     for n in ns:
