@@ -66,7 +66,8 @@ def inception_rates(url: str, n: int, cpus: int) -> dict:
     out["local_img_s"] = images / (time.perf_counter() - t)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    on_ray = FeatureSettings(batch_size=16, actors=1, cpus_per_actor=cpus, progress=False)
+    # one actor on all CPUs but one: Ray Data's read tasks need a CPU of their own
+    on_ray = FeatureSettings(batch_size=16, actors=1, cpus_per_actor=max(1, cpus - 1), progress=False)
     for key in ("ray_cold_img_s", "ray_warm_img_s"):
         t = time.perf_counter()
         _, _, images = run_feature_stats(select_run(url, n, select="spread"), on_ray)
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     ns = [int(s) for s in a.gen_n.split(",")]
     root = tempfile.mkdtemp(prefix="mmgm-bench-post-")
     url = make_store(root, a.chains, max(2, -(-max(ns) // a.chains)))
-    res = {"bench": "postprocess", "cpus": os.cpu_count(), "store": {"chains": a.chains, "shape": list(SHAPE)},
+    res = {"bench": "fid_scale", "cpus": os.cpu_count(), "store": {"chains": a.chains, "shape": list(SHAPE)},
            "inception": inception_rates(url, a.fid_n, a.cpus), "generate": []}
     rest = {mode: run_child(f"rest-{mode}", url, 0, "", a.cpus)["maxrss_mb"] for mode in ("old", "new")}
     for n in ns:

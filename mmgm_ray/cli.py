@@ -478,6 +478,37 @@ def _add_fid(sub) -> None:
     p.set_defaults(func=_cmd_fid)
 
 
+# ---- report: report.html of a run, at any time ---------------------------------------------------
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mmgm_ray.postprocess.run_report import write_run_report
+
+    for option, v in (("--samples", args.samples), ("--filmstrip-chains", args.filmstrip_chains),
+                      ("--frames", args.frames)):
+        if v < 1:
+            raise ValueError(f"{option} must be >= 1, got {v}")
+    if args.out is not None:
+        _check_out("--out", args.out, folder=False)
+    path = write_run_report(args.run, args.out, storage_options=_storage_options(args.storage_options),
+                            n_final=args.samples, strip_chains=args.filmstrip_chains, frames=args.frames)
+    _print_json({"report": path})
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="(re)build a run's report.html (verdict, samples, filmstrips, mixing, "
+                                      "classes, FID, training, provenance) from what is on disk; works on a run "
+                                      "in progress too")
+    p.add_argument("run", help="sampling run folder or URL ({root}/{run_id}), or an `mmgm run` training run "
+                               "(its -samples run is shown)")
+    p.add_argument("--out", default=None, help="page to write (default {run}/report.html)")
+    p.add_argument("--samples", type=int, default=64, help="final jumps in the sample grid (default 64)")
+    p.add_argument("--filmstrip-chains", type=int, default=5, help="chains in the filmstrips (default 5)")
+    p.add_argument("--frames", type=int, default=10, help="jumps per filmstrip (default 10)")
+    p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec storage options for the store")
+    p.set_defaults(func=_cmd_report)
+
+
 # ---- run: the main job -------------------------------------------------------------------------
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -488,14 +519,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _start_ray(args)
     rep = run_pipeline(cfg)
     _print_json({"status": rep["sample"]["status"], "report": f"{cfg.run_dir}-samples/report.json",
-                 "fid": (rep.get("fid") or {}).get("fid"),
+                 "html": rep.get("report_html"), "fid": (rep.get("fid") or {}).get("fid"),
                  "max_rhat": (rep.get("diagnostics") or {}).get("max_rhat")})
     return 0 if rep["sample"]["status"] == "done" else 130
 
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="the main job on Ray: train (Ray Train), sample (chain pool -> Parquet), "
-                                   "diagnose mixing, FID, PNG grid; rerun to resume")
+                                   "diagnose mixing, FID, PNG grid, report.html; rerun to resume")
     _config_args(p, default="digits")
     _ray_args(p)
     p.set_defaults(func=_cmd_run)
@@ -569,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_run, _add_condition, _add_demo, _add_train, _add_sample, _add_generate, _add_diagnose,
-                _add_compare, _add_denoise, _add_fid):
+                _add_compare, _add_denoise, _add_fid, _add_report):
         add(sub)
     return parser
 

@@ -17,7 +17,14 @@ measured before it.
    statistics), next to the FID of as many held-out real images against the same reference (the
    floor at this N: FID is biased upward at small N, so only the gap between the two is
    meaningful), and FID per jump window (early/middle/late) at the same N; Inception runs on a Ray
-   actor pool (``mmgm_ray.postprocess.fid``).
+   actor pool (``mmgm_ray.postprocess.fid``). A failure here is recorded in the report's ``fid``
+   section (``{"error": ...}``) before it propagates: the diagnostics and the page are kept.
+6. :func:`stage_report`: ``report.html`` from the run on disk (``mmgm_ray.postprocess.run_report``,
+   the same page ``mmgm report RUN`` rebuilds at any time).
+
+Long stages show progress (``mmgm_ray.progress``: a bar on a terminal, one start and one end line
+per stage in logs): training here, sampling in the pool, the functionals table, reductions and
+FID features in ``mmgm_ray.postprocess``.
 """
 from __future__ import annotations
 
@@ -37,6 +44,8 @@ from mmgm_ray.pool import run_pool
 from mmgm_ray.postprocess import Window, diagnose, open_committed, run_request
 from mmgm_ray.postprocess.fid import (FeatureSettings, data_reference, held_out_floor, reference_stats, score_run,
                                       select_run)
+from mmgm_ray.postprocess.run_report import write_run_report
+from mmgm_ray.progress import Stage
 from mmgm_ray.store import code_version, load_manifest, read_samples
 from mmgm_ray.train.ray_train import run_ray_training
 from mmgm_ray.train.validate import RunPlan, validate_run
@@ -67,8 +76,10 @@ def stage_train(cfg: RunConfig, plan: RunPlan, progress: bool) -> dict:
     t0 = time.perf_counter()
     _log(f"training {cfg.model.kind} model on {cfg.data.name} for {cfg.train.steps} steps "
          f"({cfg.train.resources.num_workers} Ray Train worker(s))", progress)
-    tr = run_ray_training(cfg, plan, progress=progress)
-    hist = tr.history
+    with Stage("training", total=cfg.train.steps, unit="steps", enabled=progress) as stage:
+        tr = run_ray_training(cfg, plan, progress=progress)
+        hist = tr.history
+        stage.update(hist[-1]["step"] if hist else 0)
     return {"artifact": tr.artifact, "steps": hist[-1]["step"] if hist else None,
             "first_loss": hist[0]["loss"] if hist else None, "final_loss": hist[-1]["loss"] if hist else None,
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -163,6 +174,35 @@ def check_main_job(cfg: RunConfig) -> RunPlan:
     return validate_run(cfg)
 
 
+def stage_report(scfg: RunConfig, progress: bool) -> str | None:
+    """``report.html`` of the sampling run (:func:`mmgm_ray.postprocess.run_report.write_run_report`);
+    None, with one line saying why, when it cannot be written: every result is already in
+    ``report.json`` and ``mmgm report RUN`` retries the page."""
+    try:
+        with Stage("report.html", enabled=progress):
+            path = write_run_report(scfg.run_dir)
+    except Exception as e:  # noqa: BLE001 - the page is a view of results already saved
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"[mmgm run] report.html not written ({type(e).__name__}: {first}); retry with "
+              f"`mmgm report {scfg.run_dir}`", file=sys.stderr, flush=True)
+        return None
+    _log(f"wrote {path}", progress)
+    return path
+
+
+def _score_or_record(cfg: RunConfig, scfg: RunConfig, plan: RunPlan, report: dict, progress: bool) -> None:
+    """FID into ``report``; on failure the error goes into the report, report.json and the page are
+    written, and the failure propagates."""
+    try:
+        report["fid"] = stage_score(cfg, scfg, plan.dataset, progress)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        report["fid"] = {"error": f"{type(e).__name__}: {first}"}
+        write_report(scfg.run_dir, report)
+        stage_report(scfg, progress)
+        raise
+
+
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     """Run the main job for ``cfg`` on the cluster this process joined; returns the report."""
     plan = check_main_job(cfg)
@@ -173,16 +213,21 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict:
     scfg = sample_config(cfg, report["train"]["artifact"])
     report["sample"] = stage_sample(scfg, progress)
     report["model_hash"] = report["sample"]["model_hash"]
-    write_report(scfg.run_dir, report)
+    write_report(scfg.run_dir, report)  # the first write: the run folder exists once sampling started
     if report["sample"]["status"] != "done":
+        stage_report(scfg, progress)
         _log("sampling did not finish (interrupted); rerun the same command to resume", progress)
         return report
     if cfg.evaluate.diagnose:
         report["diagnostics"] = stage_diagnose(scfg, plan.dataset, progress)
         write_report(scfg.run_dir, report)
     report["samples_png"] = stage_show(scfg, cfg.evaluate.grid_samples, progress)
-    report["fid"] = stage_score(cfg, scfg, plan.dataset, progress)
+    write_report(scfg.run_dir, report)
+    _score_or_record(cfg, scfg, plan, report, progress)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     path = write_report(scfg.run_dir, report)
+    report["report_html"] = stage_report(scfg, progress)
+    if report["report_html"] is not None:
+        write_report(scfg.run_dir, report)
     _log(f"report: {path} ({report['seconds']} s)", progress)
     return report

@@ -161,6 +161,15 @@ def test_ray_path_equals_one_shot_and_in_process(ray_session, tmp_path):
 
 # ---- mmgm fid: bad input, smoke, the job script ------------------------------------------------------------
 
+@pytest.mark.ray
+def test_actors_that_leave_no_cpu_for_the_readers_are_refused(ray_session, tmp_path):
+    """Actors holding every CPU of a fixed cluster (the session's 4) would leave Ray Data's Parquet
+    read tasks waiting forever; the request is refused in one line instead, before any actor starts."""
+    url = image_run(tmp_path, chains=4, jumps=1)
+    with pytest.raises(ValueError, match=r"2 x 2 CPU leave no CPU of this cluster's 4 .* at most 3 CPUs"):
+        run_feature_stats(select_run(url, 4), pixels(actors=2, cpus_per_actor=2))
+
+
 @pytest.fixture(scope="module")
 def inception_reference(tmp_path_factory) -> str:
     """Statistics labelled as Inception's (preprocessing, weights hash) of made-up 2048-d features:

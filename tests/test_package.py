@@ -23,7 +23,7 @@ def test_math_core_does_not_import_ray():
 
 def test_cli_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "mmgm_ray.cli", "--help"], check=True, capture_output=True, text=True).stdout
-    for cmd in ("condition", "demo", "train", "sample", "generate", "diagnose", "compare", "denoise"):
+    for cmd in ("condition", "demo", "train", "sample", "generate", "diagnose", "compare", "denoise", "fid", "report"):
         assert cmd in out, cmd
 
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from mmgm_ray.pipeline import run_pipeline
+from mmgm_ray.report import SECTION_IDS
 from pinned import cpu_config
 
 TINY = ["train.steps=30", "train.checkpoint_every=30", "train.log_every=10", "train.preview.chains=0",
@@ -18,7 +19,8 @@ TINY = ["train.steps=30", "train.checkpoint_every=30", "train.log_every=10", "tr
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_main_job_end_to_end_and_rerun_resumes(ray_session, tmp_path):
+@pytest.mark.timeout(1200)  # two main jobs (the rerun reuses the store but renders the page again) on 2 shared cores
+def test_main_job_end_to_end_and_rerun_resumes(ray_session, tmp_path, capfd):
     cfg = cpu_config("digits", *TINY, f"output={tmp_path}", "name=main")
     rep = run_pipeline(cfg, progress=False)
     assert rep["sample"]["status"] == "done"
@@ -32,9 +34,22 @@ def test_main_job_end_to_end_and_rerun_resumes(ray_session, tmp_path):
     assert on_disk["model_hash"] == rep["model_hash"] and on_disk["code_version"]
     with Image.open(run / "samples.png") as im:                      # 4x4 grid of 8x8 digits at 4x
         assert im.size[0] == im.size[1] and im.size[0] >= 4 * 8 * 4
-    # a rerun resumes: training is complete, the finished sampling run is reused, nothing duplicated
-    rep2 = run_pipeline(cfg, progress=False)
+    # report.html at the end, every section filled (labelled digits, FID on); report.json records it
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert on_disk["report_html"] == str(run / "report.html")
+    assert [html.index(f'<section id="{s}"') for s in SECTION_IDS] == sorted(html.index(f'<section id="{s}"')
+                                                                           for s in SECTION_IDS)
+    assert 'class="missing"' not in html
+    # a rerun resumes: training is complete, the finished sampling run is reused, nothing duplicated;
+    # with progress on, each long stage leaves a start and an end line (stderr is not a terminal here)
+    capfd.readouterr()
+    rep2 = run_pipeline(cfg, progress=True)
     assert rep2["sample"]["reused"] is True and rep2["train"]["steps"] == 30
+    err = capfd.readouterr().err
+    # (the functionals table is up to date and 2 draws per chain are too few for reductions)
+    for line in ("[mmgm] training: start (30 steps)", "[mmgm] training: done 30/30 steps",
+                 "[mmgm] chain layout: done", "[mmgm] FID sample features: done", "[mmgm] report.html: done"):
+        assert line in err, line
     from mmgm_ray.store import read_samples
     x, meta = read_samples(str(run))
     keys = set(zip(meta.column("chain_id").to_pylist(), meta.column("jump_index").to_pylist()))

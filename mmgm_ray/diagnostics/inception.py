@@ -87,7 +87,8 @@ def weights_sha256(path: str) -> str:
 def quantize_uint8(images) -> torch.Tensor:
     """Images (N, H, W) or (N, C, H, W), C in {1, 3} -> uint8 (N, C, H, W): step 1 of the module
     docstring (uint8 kept; floats in [0, 1] clipped and rounded half to even in float32)."""
-    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    # Ray Data hands read-only arrays (zero-copy from Arrow): copy those rather than alias them
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.require(images, requirements="W"))
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or x.shape[1] not in (1, 3):

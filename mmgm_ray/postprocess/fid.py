@@ -53,7 +53,7 @@ from mmgm_ray.diagnostics.inception import (FEATURE_DIM, PREPROCESSING, Inceptio
                                             require_weights, weights_sha256)
 from mmgm_ray.postprocess.selection import FidSelection, chain_index, plan_fid
 from mmgm_ray.postprocess.source import CommittedView, open_committed
-from mmgm_ray.preflight import ResourceRequest, ensure_resources
+from mmgm_ray.preflight import ResourceRequest, discover_capacity, ensure_resources
 from mmgm_ray.progress import Stage
 from mmgm_ray.store.fsutil import atomic_write
 
@@ -211,8 +211,20 @@ def _sized(settings: FeatureSettings, rows: int) -> FeatureSettings:
     return replace(settings, batch_size=batch, block_rows=max(1, settings.block_rows // batch) * batch)
 
 
+def check_reader_room(pool: _Pool) -> None:
+    """ValueError when the actor pool would hold every CPU of a cluster that cannot grow: Ray Data's
+    Parquet read tasks would then wait forever for a CPU (it only warns "may hang forever")."""
+    cap = discover_capacity()
+    total = sum(t.get("CPU", 0.0) for t in cap.totals)
+    if not cap.autoscaling and pool.actors * pool.num_cpus > total - 1:
+        raise ValueError(f"FID feature actors: {pool.actors} x {pool.num_cpus:g} CPU leave no CPU of this cluster's "
+                         f"{total:g} for the tasks that read the store, which would wait forever; lower the actors "
+                         f"(--actors) or their CPUs (--cpus-per-actor) to at most {max(total - 1, 0):g} CPUs in all")
+
+
 def _features_on_ray(ds: ray.data.Dataset, settings: FeatureSettings, pool: _Pool, event_shape: tuple,
                      n_groups: int, kid_stride: int) -> Iterator[pa.Table]:
+    check_reader_room(pool)
     ensure_resources(ResourceRequest.uniform(pool.actors, {"CPU": pool.num_cpus, "GPU": pool.num_gpus}, "SPREAD",
                                              what=f"FID feature actors ({pool.device})"),
                      timeout_s=settings.scale_timeout_s)

@@ -15,7 +15,8 @@ makes its section say why it is missing instead of failing):
   (:func:`mmgm_ray.diagnostics.transition_report`).
 * ``fid``: ``{"fid", "real_floor", "n", "n_reference"?, "reference"?, "windows"?}`` where each
   window is ``{"start", "end", "fid", "n"?}``: the FID of the jumps with ``start <= jump_index <
-  end`` (chain-length windows show whether sample quality still changes along the chains).
+  end`` (chain-length windows show whether sample quality still changes along the chains);
+  ``{"error": "..."}`` when FID failed (the page says so in place).
 * ``config`` (the run's config dict), ``seeds`` (dict), ``model_hash``, ``code_version``.
 
 The arrays are what the JSON cannot hold: per-jump functionals (the store's functionals table:

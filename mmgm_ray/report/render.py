@@ -142,7 +142,8 @@ def _mixing(inputs: ReportInputs, summaries: list[FunctionalSummary]) -> Section
                 f"the criterion is R-hat < {inputs.rhat_threshold:g} and bulk ESS \u2265 {inputs.min_ess:g}.")
     if not summaries and not inputs.functionals:
         s.missing = (_progress_note(inputs, "mixing diagnostics are computed") if inputs.in_progress else
-                     "No functionals and no diagnostics in this report (diagnostics were turned off).")
+                     "No functionals and no diagnostics in this report (diagnostics were turned off, or "
+                     "`mmgm diagnose RUN` has not been run on it).")
         return s
     if summaries:
         s.figures.append(Fig(_uri(figures.diagnostics_hist_png(
@@ -225,10 +226,13 @@ def _fid(inputs: ReportInputs) -> Section:
                 "FID of the chains' last jumps against training images, next to the FID of as many held-out real "
                 "images (the floor at this N: only the gap between the two is meaningful).")
     fid = inputs.report.get("fid")
+    if fid and fid.get("error"):
+        s.missing = f"FID failed on this run: {fid['error']} (the other sections are unaffected)."
+        return s
     if not fid or fid.get("fid") is None:
         s.missing = (_progress_note(inputs, "FID is computed") if inputs.in_progress else
-                     "FID was not computed for this run (the data are not images, or evaluate.fid_samples is "
-                     "below 2).")
+                     "FID was not computed for this run (the data are not images, evaluate.fid_samples is "
+                     "below 2, or the run was sampled without `mmgm run`: `mmgm fid RUN` scores it).")
         return s
     s.facts += [("FID", _fmt(float(fid["fid"]), 2)), ("real-data floor", _fmt(fid.get("real_floor"), 2)),
                 ("images (N)", _fmt(fid.get("n"))), ("reference", _fmt(fid.get("reference")))]
