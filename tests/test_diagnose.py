@@ -298,7 +298,7 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no committed rows yet" in err[0]
     assert main(["diagnose", str(tmp_path / "nothing"), "--local"]) == 2
-    assert "no run manifest" in capsys.readouterr().err
+    assert f"no run at {tmp_path / 'nothing'}: no such folder" in capsys.readouterr().err
     assert not os.path.exists(f"{store.url}/functionals")
 
     run = write_run(tmp_path, "run", np.full(10, 0.5), 20, seed=4)
