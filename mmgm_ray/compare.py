@@ -19,7 +19,6 @@ import sys
 from typing import Optional
 
 import fsspec
-import torch
 
 from mmgm_ray.cluster import require_ray
 from mmgm_ray.config import CompareConfig, DataConfig, RunConfig, from_dict, to_dict

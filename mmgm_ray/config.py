@@ -171,6 +171,9 @@ class SamplerConfig:
     # where A-B-O-B-A evaluates the jump: "half" = the step's own (half-step) score evaluation, free;
     # "full" = one extra network call at the full-step position, exact jump law on Gaussian targets
     jump_at: Literal["half", "full"] = "half"
+    # TF32 matmuls / convolutions on Ampere+ GPUs: faster, ~1e-3 relative error, rows that differ
+    # from a float32 GPU's (mmgm_ray.hardware); cuDNN runs deterministic, without autotuning
+    allow_tf32: bool = False
 
     def validate(self) -> None:
         check.positive("sampler.delta", self.delta, allow_none=True)
@@ -316,6 +319,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     resources: TrainResources = field(default_factory=TrainResources)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    # numerics flags, set explicitly (mmgm_ray.hardware; GPU training resumes to round-off, docs/GPU.md)
+    allow_tf32: bool = False        # TF32 matmuls / convolutions on Ampere+ GPUs (faster, ~1e-3 relative error)
+    cudnn_deterministic: bool = True  # only deterministic cuDNN algorithms
+    cudnn_benchmark: bool = False   # cuDNN autotuning: its pick, and the round-off, may change run to run
 
     def validate(self) -> None:
         check.positive("train.steps", self.steps)
@@ -359,16 +366,34 @@ class PoolConfig:
     device: str = "auto"            # auto | cpu | cuda
     queue_size: int = 8             # bounded queue between the chain loop and the writer
     chunk_steps: int = 0            # walk steps per advance() call (multiple of checkpoint_every; 0 = one interval)
+    # memory plan of each actor (mmgm_ray.planner): chains per network call, and the share of the
+    # free device / host memory the plan may use
+    micro_batch: int = 0            # chains per network evaluation (0 = the largest the memory plan allows)
+    memory_fraction: float = 0.8
+    # how long to wait for the cluster to place the actors, autoscaler included (mmgm_ray.preflight)
+    scale_timeout_s: float = 900.0
+    # after Ctrl-C: how long the actors may take to reach their next checkpoint before the driver quits
+    stop_timeout_s: float = 30.0
+    # on resume, also compare every committed part's CRC-32 with the committed one (reads every part);
+    # sizes are always compared
+    verify_checksums: bool = False
 
     def validate(self) -> None:
+        check.positive("pool.scale_timeout_s", self.scale_timeout_s)
+        check.positive("pool.stop_timeout_s", self.stop_timeout_s)
         for key in ("num_chains", "num_steps", "num_actors", "checkpoint_every", "queue_size"):
             check.at_least(f"pool.{key}", getattr(self, key), 1)
-        for key in ("cpus_per_actor", "gpus_per_actor", "max_restarts", "chunk_steps"):
+        for key in ("cpus_per_actor", "gpus_per_actor", "max_restarts", "chunk_steps", "micro_batch"):
             check.at_least(f"pool.{key}", getattr(self, key), 0)
+        check.in_range("pool.memory_fraction", self.memory_fraction, 0.0, 1.0, high_open=False)
+        check.positive("pool.memory_fraction", self.memory_fraction)
         # chunks end on checkpoints, so a stop or a retry never leaves an uncommitted tail
         check.multiple_of("pool.chunk_steps", self.chunk_steps, "pool.checkpoint_every", self.checkpoint_every)
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"pool.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        check.pool_device(self.device, self.gpus_per_actor)
+
+    def device_type(self) -> str:
+        """Where the actors run: cuda for ``device=cuda``, or ``auto`` with a GPU share reserved; else cpu."""
+        return "cuda" if self.device == "cuda" or (self.device == "auto" and self.gpus_per_actor > 0) else "cpu"
 
 
 @dataclass
@@ -391,10 +416,14 @@ class EvalConfig:
     diagnose: bool = True           # R-hat / ESS / class transitions over the store
     fid_samples: int = 200          # 0 = skip FID (Inception is slow on CPUs: keep it small there)
     fid_reference: int = 500        # training images for the reference statistics
+    # reference statistics cache, keyed by data set, split, N, preprocessing, weights ("" = {output}/fid-cache)
+    fid_cache: str = ""
+    fid_windows: int = 3            # also FID per jump window (early/middle/late) at the same N; 0 = off
 
     def validate(self) -> None:
         check.at_least("evaluate.grid_samples", self.grid_samples, 1)
         check.at_least("evaluate.fid_reference", self.fid_reference, 2)
+        check.at_least("evaluate.fid_windows", self.fid_windows, 0)
         if self.fid_samples != 0:
             # a covariance needs two samples
             check.at_least("evaluate.fid_samples (0 = off)", self.fid_samples, 2)

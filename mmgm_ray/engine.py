@@ -70,12 +70,17 @@ class WalkJumpEngine:
         autocast_dtype: e.g. torch.bfloat16 to evaluate the network under autocast (state stays fp32).
         num_chains: the run's total chain count; chains with id >= num_chains (padding in the last
             block) are computed with their block but never emitted nor reported. None = all chains.
+        micro_batch: chains per score evaluation (None = all in one), slices of the batch in order.
+            Cut at whole blocks (as ``mmgm_ray.planner`` cuts), the results on the CPU are bitwise
+            those of one evaluation; much smaller slices may round differently (oneDNN, like cuDNN,
+            picks its kernels by problem size). So a run keeps one micro-batch: it is saved with
+            the state and a restored engine adopts it.
     """
 
     def __init__(self, model: ScoreModel, sampler: SamplerConfig, event_shape: Sequence[int],
                  run_seed: int, block_ids: Sequence[int], device: str | torch.device = "cpu",
                  autocast_dtype: Optional[torch.dtype] = None,
-                 num_chains: Optional[int] = None):
+                 num_chains: Optional[int] = None, micro_batch: Optional[int] = None):
         sampler.validate()
         if not getattr(model, "samplable", True):
             raise ValueError(f"{type(model).__name__} has no score: walk-jump sampling needs a Gaussian MNM model")
@@ -111,6 +116,9 @@ class WalkJumpEngine:
         if num_chains is not None and num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {num_chains}")
         self.num_chains = num_chains
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        self.micro_batch = micro_batch
         self.state: Optional[EngineState] = None
         self._reset_divergence_flags(self._initial_alive())
 
@@ -157,7 +165,8 @@ class WalkJumpEngine:
             if tuple(data.shape[1:]) != self.event_shape:
                 raise ValueError(f"data shape {tuple(data.shape[1:])} does not match event_shape {self.event_shape}")
             idx = self.rng.randint(self.chain_ids, 0, rng_mod.STREAM_INIT_INDEX, data.shape[0])
-            x0 = data.to(self.device, torch.float32)[idx.to(data.device) if data.device != self.device else idx]
+            # index where the data lives: only the chosen rows travel to the device
+            x0 = data[idx.to(data.device)].to(self.device, torch.float32)
         else:
             raise ValueError(f"unknown sampler.init {init!r}")
         eps = self.rng.normal(self.chain_ids, 0, rng_mod.STREAM_INIT_EPS, self._chain_shape())
@@ -182,14 +191,9 @@ class WalkJumpEngine:
 
     def _score_fn(self) -> Callable[[torch.Tensor], ScoreOutput]:
         fn = self.model.reduced_score if self.reduced else self.model.score
-        if self.autocast_dtype is None:
-            return fn
-
-        def wrapped(y):
-            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-                out = fn(y)
-            return ScoreOutput(out.psi.float(), out.xhat.float())
-        return wrapped
+        if self.autocast_dtype is not None:
+            fn = _autocast(fn, self.device.type, self.autocast_dtype)
+        return _micro_batched(fn, self.micro_batch) if self.micro_batch is not None else fn
 
     def _check_divergence(self, out: ScoreOutput) -> None:
         """Flag chains whose state, score or jump is non-finite or whose |y|_inf explodes.
@@ -302,7 +306,7 @@ class WalkJumpEngine:
             raise RuntimeError("engine not initialized")
         blocks = self.block_ids if block_ids is None else [int(b) for b in block_ids]
         rows = self._rows(blocks)
-        return {**self.header(), "step": self.step, "block_ids": blocks,
+        return {**self.header(), "step": self.step, "block_ids": blocks, "micro_batch": self.micro_batch,
                 "y": self.state.y[rows].cpu().clone(), "v": self.state.v[rows].cpu().clone(),
                 "alive": self.state.alive[rows].cpu().clone()}
 
@@ -327,6 +331,8 @@ class WalkJumpEngine:
             if sd.get(key) != val:
                 raise ValueError(f"checkpoint {key}={sd.get(key)!r} does not match engine {key}={val!r}")
         blocks, step = [int(b) for b in sd["block_ids"]], int(sd["step"])
+        if "micro_batch" in sd:  # the state was computed with it: keep the round-off of the run
+            self.micro_batch = sd["micro_batch"]
         if self.state is None:
             if sorted(blocks) != sorted(self.block_ids):
                 raise ValueError("restore into a fresh engine needs every block it holds")
@@ -345,6 +351,25 @@ class WalkJumpEngine:
         self.state = EngineState(y, v, alive, step)
         self._div_reported[rows] = ~alive[rows]
         self._div_step[rows] = -1
+
+
+def _autocast(fn: Callable[[torch.Tensor], ScoreOutput], device_type: str, dtype: torch.dtype):
+    """``fn`` evaluated under autocast; the score and jump come back in float32 (the state's dtype)."""
+    def wrapped(y):
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            out = fn(y)
+        return ScoreOutput(out.psi.float(), out.xhat.float())
+    return wrapped
+
+
+def _micro_batched(fn: Callable[[torch.Tensor], ScoreOutput], size: int):
+    """``fn`` applied to consecutive slices of at most ``size`` chains, outputs concatenated in order."""
+    def wrapped(y):
+        if y.shape[0] <= size:
+            return fn(y)
+        outs = [fn(part) for part in y.split(size)]
+        return ScoreOutput(torch.cat([o.psi for o in outs]), torch.cat([o.xhat for o in outs]))
+    return wrapped
 
 
 def _join_state_dicts(sds: Sequence[dict]) -> dict:

@@ -9,7 +9,6 @@ independent of the file container, and is recorded next to every output that use
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from typing import Any, Optional
@@ -25,6 +24,7 @@ from mmgm_ray.nets.vae import VAE
 from mmgm_ray.noise import GaussianMNM, PoissonMNM
 from mmgm_ray.oracles import GaussianOracle, GMMOracle
 from mmgm_ray.store.fsutil import atomic_write  # the store's temp + rename / single-PUT write
+from mmgm_ray.torchio import load_weights_only
 
 ARTIFACT_NAME = "model.pt"  # {output}/{name}/model.pt: training writes it, sampling jobs and manifests name it
 ARTIFACT_FORMAT = "mmgm-model"
@@ -40,6 +40,12 @@ def build_noise(cfg: RunConfig) -> GaussianMNM | PoissonMNM:
     return GaussianMNM(cfg.noise.sigma, cfg.noise.M)
 
 
+def attention_kernels(kind: str) -> str:
+    """The attention kernels (``nets.ATTENTION_KERNELS``) of a model kind: MEM^2 trains through a
+    double backward, which only the math kernel has; the others take the fused kernels."""
+    return "math" if kind == "mem2" else "fused"
+
+
 def build_score_model(cfg: RunConfig, event_shape: tuple[int, ...]) -> ScoreModel | PoissonMEM2:
     """A learnable model wrapping the configured network: universal / MDAE / MEM^2 / MUVB on a
     Gaussian MNM, or the Poisson energy model (``PoissonMEM2``) for noise.kind='poisson'."""
@@ -48,14 +54,15 @@ def build_score_model(cfg: RunConfig, event_shape: tuple[int, ...]) -> ScoreMode
     if isinstance(noise, PoissonMNM):
         if m.kind != "mem2":
             raise ValueError(f"noise.kind='poisson' needs model.kind='mem2' (an energy model), got {m.kind!r}")
-        return PoissonMEM2(build_net(m.net, event_shape, in_mult=noise.M), noise, event_shape)
+        net = build_net(m.net, event_shape, in_mult=noise.M, attention=attention_kernels(m.kind))
+        return PoissonMEM2(net, noise, event_shape)
     if m.kind == "universal":
-        net = build_net(m.net, event_shape, in_mult=1)
+        net = build_net(m.net, event_shape, in_mult=1, attention=attention_kernels(m.kind))
         return UniversalDenoiser(net, noise, event_shape, precond=m.precond, sigma_data=m.sigma_data)
     if m.kind == "muvb":
         return MUVB(_build_vae(m, event_shape, noise.M), noise, event_shape, input_scaling=m.input_scaling,
                     elbo_samples=m.elbo_samples, sigmoid_output=m.sigmoid_output)
-    net = build_net(m.net, event_shape, in_mult=noise.M)
+    net = build_net(m.net, event_shape, in_mult=noise.M, attention=attention_kernels(m.kind))
     if m.kind == "mdae":
         return MDAE(net, noise, event_shape, input_scaling=m.input_scaling, sigmoid_output=m.sigmoid_output)
     if m.kind == "mem2":
@@ -154,11 +161,8 @@ def load_artifact(path: str, device: str | torch.device = "cpu") -> tuple[ScoreM
     fs, p = fsspec.core.url_to_fs(path)
     if not fs.exists(p):
         raise ValueError(f"model artifact not found: {path}")
-    try:
-        with fs.open(p, "rb") as f:
-            payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle with code, ... all mean "not an artifact"
-        raise ValueError(f"model artifact {path} could not be read ({type(e).__name__}: {e})") from e
+    with fs.open(p, "rb") as f:
+        payload = load_weights_only(f.read(), f"model artifact {path}")
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{path} is not an mmgm model artifact")
     if payload.get("version") != ARTIFACT_VERSION:

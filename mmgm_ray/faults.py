@@ -11,18 +11,25 @@ every hook is a no-op costing one dict lookup. Fields:
   removal lands between checkpoints.
 - ``actor_step_sleep``: seconds a chain actor sleeps after every walk step, so that a test's kill
   lands in the middle of a chunk.
+- ``actor_exit``: ``{"step": int, "marker": path}``: the chain actor that reaches that walk step exits
+  hard (``os._exit(1)``), once: the marker file records that it did (Ray then restarts it).
 - ``actor_skip_store``: chain actors run their chains without writing anything (the pool benchmark's
   "pool without store" baseline).
+- ``store_full``: ``{"after": int, "match": str}``: every atomic store write (``store.fsutil``) whose
+  path contains ``match`` fails with ENOSPC once this process has made ``after`` such writes (a disk
+  that fills up mid-run).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
 from typing import Optional
 
 ENV = "MMGM_FAULTS"
-_KNOWN = {"train_crash", "train_step_sleep", "actor_step_sleep", "actor_skip_store"}
+_KNOWN = {"train_crash", "train_step_sleep", "actor_step_sleep", "actor_skip_store", "actor_exit", "store_full"}
+_writes = {"n": 0}  # store writes this process made that match the plan's ``store_full.match``
 
 
 def plan() -> dict:
@@ -60,13 +67,29 @@ def after_train_step(step: int, rank: int) -> None:
         os._exit(1)
 
 
-def after_walk_step() -> None:
-    """Chain actor hook: the planned sleep after every walk step."""
-    sleep = plan().get("actor_step_sleep")
+def after_walk_step(step: int) -> None:
+    """Chain actor hook: the planned sleep after every walk step; the planned exit at ``step``."""
+    p = plan()
+    sleep = p.get("actor_step_sleep")
     if sleep:
         time.sleep(float(sleep))
+    die = p.get("actor_exit")
+    if die and step == die["step"] and not os.path.exists(die["marker"]):
+        with open(die["marker"], "w") as f:
+            f.write(str(step))
+        os._exit(1)
 
 
 def skip_store() -> bool:
     """Chain actor setting: run without writing (benchmark baseline)."""
     return bool(plan().get("actor_skip_store"))
+
+
+def before_store_write(path: str) -> None:
+    """Store hook: ENOSPC once the planned number of matching writes was made."""
+    full = plan().get("store_full")
+    if not full or full.get("match", "") not in path:
+        return
+    _writes["n"] += 1
+    if _writes["n"] > int(full.get("after", 0)):
+        raise OSError(errno.ENOSPC, f"No space left on device ({ENV})", path)

@@ -44,7 +44,10 @@ class GMMOracle(UniversalScoreModel):
     E[X | ybar] = sum_k w_k(ybar) [mu_k + S_k (S_k + s^2 I)^{-1} (ybar - mu_k)],
     w_k oc pi_k N(ybar; mu_k, S_k + s^2 I), s = sigma_eff (THEORY section 6).
     Computations run in the dtype of the buffers (float64 unless the module is cast) and are cast
-    back to the input dtype.
+    back to the input dtype. Everything that does not depend on ybar (the Cholesky factors and log
+    determinants of S_k + s^2 I, the gains, log pi_k) is computed once here: a sampling step then
+    runs one triangular solve per component and no factorization (a Cholesky checks its result on the
+    host, which stalls a GPU every step).
     """
 
     def __init__(self, weights, means, covs, noise: GaussianMNM, event_shape: tuple[int, ...] | None = None):
@@ -72,6 +75,12 @@ class GMMOracle(UniversalScoreModel):
         self.register_buffer("covs", covs)
         self.register_buffer("smoothed_covs", smoothed)                       # S_k + s^2 I
         self.register_buffer("gains", covs @ torch.linalg.inv(smoothed))       # A_k = S_k (S_k + s^2 I)^{-1}
+        chol = torch.linalg.cholesky(smoothed)
+        # derived from the buffers above: not saved in a state dict, moved and cast with the module
+        self.register_buffer("smoothed_chol", chol, persistent=False)        # L_k, L_k L_k^T = S_k + s^2 I
+        self.register_buffer("smoothed_logdet", 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1),
+                             persistent=False)
+        self.register_buffer("log_weights", torch.log(weights), persistent=False)
         self.d = d
 
     @property
@@ -81,11 +90,17 @@ class GMMOracle(UniversalScoreModel):
     def _flat(self, z: torch.Tensor) -> torch.Tensor:
         return z.reshape(z.shape[0], self.d).to(self.means.dtype)
 
+    def _log_joint(self, f: torch.Tensor) -> torch.Tensor:
+        """log pi_k + log N(ybar; mu_k, S_k + s^2 I) for flat rows f (B, d): (B, K). One triangular
+        solve per component with the B rows as right-hand sides (not B tiny solves)."""
+        diff = (f[None] - self.means[:, None]).transpose(1, 2)                     # (K, d, B)
+        sol = torch.linalg.solve_triangular(self.smoothed_chol, diff, upper=False)
+        maha = sol.pow(2).sum(1).T                                                 # (B, K)
+        return -0.5 * (maha + self.smoothed_logdet + self.d * math.log(2.0 * math.pi)) + self.log_weights
+
     def log_responsibilities(self, ybar: torch.Tensor) -> torch.Tensor:
         """log w_k(ybar), (B, K): the posterior over components given ybar."""
-        f = self._flat(ybar)
-        logp = torch.stack([_mvn_logpdf(f, self.means[k], self.smoothed_covs[k]) for k in range(self.K)], -1)
-        logp = logp + torch.log(self.weights)
+        logp = self._log_joint(self._flat(ybar))
         return logp - torch.logsumexp(logp, -1, keepdim=True)
 
     def denoise(self, ybar: torch.Tensor) -> torch.Tensor:
@@ -97,9 +112,7 @@ class GMMOracle(UniversalScoreModel):
 
     def log_p_ybar(self, ybar: torch.Tensor) -> torch.Tensor:
         """log p_{sigma_eff}(ybar), (B,)."""
-        f = self._flat(ybar)
-        logp = torch.stack([_mvn_logpdf(f, self.means[k], self.smoothed_covs[k]) for k in range(self.K)], -1)
-        return torch.logsumexp(logp + torch.log(self.weights), -1)
+        return torch.logsumexp(self._log_joint(self._flat(ybar)), -1)
 
     def log_p_y(self, y: torch.Tensor) -> torch.Tensor:
         """Normalized log p(y) of the M-density, from the explicit Md-dimensional Gaussians, (B,)."""

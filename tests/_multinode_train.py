@@ -40,7 +40,7 @@ def main(out: str, temp_dir: str) -> dict:
     from ray.cluster_utils import Cluster
 
     from mmgm_ray import faults
-    from mmgm_ray.config import load_config
+    from pinned import cpu_config  # tests/ is this script's folder
     from mmgm_ray.train.ray_train import run_ray_training
 
     os.environ[faults.ENV] = json.dumps({"train_step_sleep": STEP_SLEEP})
@@ -50,10 +50,10 @@ def main(out: str, temp_dir: str) -> dict:
     workers = {n.node_id: n for n in (cluster.add_node(num_cpus=1) for _ in range(2))}
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    cfg = load_config("digits", [f"output={out}", "name=noded", f"train.steps={STEPS}",
+    cfg = cpu_config("digits", *[f"output={out}", "name=noded", f"train.steps={STEPS}",
                                  f"train.checkpoint_every={CKPT}", f"train.log_every={LOG}", "train.batch_size=32",
                                  "train.warmup_steps=5", "train.preview.chains=0", "train.ema_eval_batch=0",
-                                 "train.device=cpu", "train.resources.max_failures=3",
+                                 "train.resources.max_failures=3",
                                  "train.resources.scale_timeout_s=120"])
     kill: dict = {}
 

@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def classifier_cache(tmp_path_factory):
+    """Classifiers trained for diagnostics (mmgm_ray.diagnostics.classifier) are cached per test
+    session, not in ~/.cache/mmgm-ray."""
+    os.environ.setdefault("MMGM_CACHE", str(tmp_path_factory.mktemp("mmgm-cache")))
+    yield os.environ["MMGM_CACHE"]
 
 
 @pytest.fixture(scope="session")

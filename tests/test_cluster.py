@@ -16,8 +16,9 @@ import yaml
 from fake_cluster import FakeAutoscalingCluster, free_port
 from infra_commands import INFRA, documented_commands, local_argv
 
-from mmgm_ray.config import load_config, to_dict
+from mmgm_ray.config import to_dict
 from mmgm_ray.factory import ARTIFACT_NAME, load_artifact
+from pinned import cpu_config
 
 LAUNCHER = INFRA / "cluster-launcher" / "aws-gpu.yaml"
 
@@ -82,7 +83,7 @@ def _resolved(argv: list[str]) -> tuple:
     """(script name, resolved config as JSON): commands equal after the rewrite run once."""
     config = argv[argv.index("--config") + 1]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    return Path(argv[1]).name, json.dumps(to_dict(load_config(config, sets)), sort_keys=True)
+    return Path(argv[1]).name, json.dumps(to_dict(cpu_config(config, *sets)), sort_keys=True)
 
 
 @pytest.mark.timeout(1500)

@@ -14,10 +14,11 @@ from mmgm_ray.data import load_dataset
 from mmgm_ray.denoise import evaluate_denoiser, measure_and_denoise
 from mmgm_ray.factory import load_artifact
 from mmgm_ray.train.loop import train_local
+from pinned import CPU_PINS, cpu_config
 
 # CI-size budget shared by every variant: tiny training, a few chains, FID at N = 8
 TINY = ["train.steps=30", "train.checkpoint_every=30", "train.log_every=10", "train.preview.chains=0",
-        "train.batch_size=32", "train.device=cpu", "sampler.block_size=32", "sampler.jump_every=10",
+        "train.batch_size=32", "sampler.block_size=32", "sampler.jump_every=10",
         "pool.num_chains=32", "pool.num_steps=40", "pool.checkpoint_every=20", "evaluate.fid_samples=8",
         "evaluate.fid_reference=16", "evaluate.grid_samples=16"]
 
@@ -26,7 +27,7 @@ TINY = ["train.steps=30", "train.checkpoint_every=30", "train.log_every=10", "tr
 @pytest.mark.slow
 def test_compare_runs_every_variant_and_fills_the_table(ray_session, tmp_path):
     cc = load_config("digits_compare", [f"output={tmp_path}", "name=cmp", "denoise_examples=64",
-                                        "set=" + json.dumps(TINY)], cls=CompareConfig)
+                                        "set=" + json.dumps([*CPU_PINS, *TINY])], cls=CompareConfig)
     assert sorted(cc.variants) == ["mdae", "mem2", "muvb", "universal"]
     res = run_compare(cc, progress=False)
     rows = {r["variant"]: r for r in res["rows"]}
@@ -43,10 +44,11 @@ def test_compare_runs_every_variant_and_fills_the_table(ray_session, tmp_path):
 
 
 def test_compare_refuses_bad_variants_before_training(tmp_path):
-    cc = load_config("digits_compare", [f"output={tmp_path}", "name=cmp"], cls=CompareConfig)
+    # unpinned on purpose below: both configs are refused before anything runs
+    cc = load_config("digits_compare", [f"output={tmp_path}", "name=cmp"], cls=CompareConfig)  # unpinned on purpose
     with pytest.raises(ValueError, match=r"unknown variant\(s\) \['nope'\]"):
         run_compare(cc, variants=["nope"])
-    bad = load_config("digits_compare", [f"output={tmp_path}", "name=cmp",
+    bad = load_config("digits_compare", [f"output={tmp_path}", "name=cmp",  # unpinned on purpose
                                          'variants={"muvb": ["model.kind=muvb", "sampler.walk=reduced"]}'],
                       cls=CompareConfig)
     with pytest.raises(ValueError, match="reduced"):
@@ -55,8 +57,8 @@ def test_compare_refuses_bad_variants_before_training(tmp_path):
 
 
 def test_denoise_cli_scores_a_trained_model_and_writes_estimates(tmp_path, capsys):
-    cfg = load_config("gmm", [f"output={tmp_path}", "name=g", "train.steps=200", "train.device=cpu",
-                              "train.preview.chains=0", "data.gmm_samples=2000"])
+    cfg = cpu_config("gmm", f"output={tmp_path}", "name=g", "train.steps=200", "train.preview.chains=0",
+                     "data.gmm_samples=2000")
     res = train_local(cfg, progress=False)
     out = tmp_path / "denoised.parquet"
     assert mmgm_main(["denoise", "--model", res.artifact, "--limit", "300", "--json", "--out", str(out)]) == 0

@@ -5,7 +5,6 @@ import io
 import json
 import math
 from contextlib import redirect_stderr, redirect_stdout
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

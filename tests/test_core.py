@@ -13,12 +13,12 @@ from mmgm_ray import rng
 from mmgm_ray.config import SamplerConfig
 from mmgm_ray.engine import WalkJumpEngine
 from mmgm_ray.integrators import IntegratorParams, LangevinState, ScoreOutput, aboba_step, get_integrator
-from mmgm_ray.config import load_config
 from mmgm_ray.models import MDAE, MEM2, MUVB, PoissonMEM2, UniversalDenoiser, UniversalScoreModel
 from mmgm_ray.nets import MLP
 from mmgm_ray.nets.vae import VAE
 from mmgm_ray.noise import GaussianMNM, PoissonMNM
 from mmgm_ray.oracles import GammaPoissonOracle, GaussianOracle, GMMOracle
+from pinned import cpu_config
 
 torch.set_default_dtype(torch.float32)
 
@@ -197,7 +197,7 @@ def test_muvb_energy_is_the_negative_elbo_and_score_its_gradient():
 
 def test_muvb_reduced_walk_is_refused_by_config_and_engine():
     with pytest.raises(ValueError, match="sampler.walk='reduced' needs a universal model.*'muvb'"):
-        load_config("digits", ["model.kind=muvb", "sampler.walk=reduced"])
+        cpu_config("digits", "model.kind=muvb", "sampler.walk=reduced")
     with pytest.raises(ValueError, match="universal"):
         WalkJumpEngine(_tiny_muvb().float(), SamplerConfig(walk="reduced"), (4,), 0, [0])
     fresh = MUVB(VAE(3 * 4, (4,), latent_dim=2, hidden=8, depth=1), GaussianMNM(0.8, 3), (4,))
@@ -207,14 +207,14 @@ def test_muvb_reduced_walk_is_refused_by_config_and_engine():
 
 
 def test_poisson_sampling_config_is_refused_in_one_line():
-    cfg = load_config("digits", ["noise.kind=poisson", "model.kind=mem2"])  # a valid training config
+    cfg = cpu_config("digits", "noise.kind=poisson", "model.kind=mem2")  # a valid training config
     for call in (cfg.validate_sampling, lambda: __import__("mmgm_ray.factory").factory.load_sampling_model(cfg)):
         with pytest.raises(ValueError) as exc:
             call()
         msg = str(exc.value)
         assert "noise.kind='poisson'" in msg and "cannot be sampled" in msg and "\n" not in msg
     with pytest.raises(ValueError, match="noise.kind='poisson' needs model.kind='mem2'"):
-        load_config("digits", ["noise.kind=poisson", "model.kind=muvb"])
+        cpu_config("digits", "noise.kind=poisson", "model.kind=muvb")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from mmgm_ray.cli import main as mmgm_main
-from mmgm_ray.config import load_config
 from mmgm_ray.demo import DEMO_CHAINS, run_demo
 from mmgm_ray.factory import load_artifact
 from mmgm_ray.images import grid_size, save_grid
+from pinned import CPU_PINS, cpu_config, cpu_sets
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,14 +38,14 @@ def test_save_grid_layout(tmp_path):
 def test_demo_cli_outputs(tmp_path, capsys):
     """A short demo through the CLI: grid of the expected size, artifact, config, metrics."""
     out = tmp_path / "demo"
-    assert mmgm_main(["demo", "--out", str(out), "--set", "train.steps=30", "--set", "train.log_every=10"]) == 0
+    assert mmgm_main(["demo", "--out", str(out), *cpu_sets("train.steps=30", "train.log_every=10")]) == 0
     img = Image.open(out / "samples.png")
     assert img.size == grid_size(DEMO_CHAINS, (8, 8), nrow=8, padding=1, scale=4) == (265, 265)
     assert img.mode == "L"
     model, cfg, info = load_artifact(str(out / "model.pt"))
     assert info["event_shape"] == (1, 8, 8) and info["extra"]["step"] == 30
     assert cfg.train.steps == 30 and cfg.data.name == "digits"
-    assert load_config(str(out / "config.yaml")).train.steps == 30
+    assert cpu_config(str(out / "config.yaml")).train.steps == 30
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30]
     with torch.no_grad():  # the artifact is a working denoiser
@@ -71,7 +71,7 @@ def test_full_demo_gives_digit_like_samples(tmp_path):
     """
     from mmgm_ray.data import load_digits
 
-    res = run_demo(str(tmp_path / "demo"), progress=False)
+    res = run_demo(str(tmp_path / "demo"), overrides=list(CPU_PINS), progress=False)
     x = load_digits().x.reshape(-1, 64).numpy()
     ref, held = x[:1500], x[1500:]
     thr = np.quantile(_nn_dist(held, ref), 0.95)

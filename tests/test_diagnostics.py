@@ -1,5 +1,6 @@
 """Tests for mmgm_ray.diagnostics: R-hat/ESS vs ArviZ and closed forms, transitions, FID/KID,
-Inception features, and diagnose() over a store written with the store API."""
+Inception features, and FID over a store written with the store API (diagnose over a store:
+tests/test_diagnose.py)."""
 from __future__ import annotations
 
 import json
@@ -317,50 +318,6 @@ def _write_run(root, run_id, levels, n_jumps, seed, shape=(1, 4, 4), block_size=
         w.flush()
         update_manifest(store, blocks={b: w.manifest_entry("done")})
     return store.url
-
-
-def test_diagnose_store_shapes_and_flags(tmp_path, capsys):
-    from mmgm_ray.cli import main
-    c, n = 20, 60
-    good = _write_run(tmp_path, "good", np.full(c, 0.5), n, seed=0)
-    bad = _write_run(tmp_path, "bad", np.linspace(0.2, 0.8, c), n, seed=1, diverge_chain=3)
-
-    arr = D.chain_arrays(good, n_projections=3)
-    assert arr["values"]["score_norm"].shape == (c, n)
-    assert arr["values"]["mean_intensity"].shape == (c, n)
-    assert arr["values"]["proj"].shape == (c, n, 3)
-    assert arr["complete"].all() and arr["chain_ids"].tolist() == list(range(c))
-    assert np.isfinite(arr["values"]["proj"]).all()
-    # streamed values equal the decoded samples
-    from mmgm_ray.store import read_samples
-    xs, meta = read_samples(good)
-    ch, jp = meta.column("chain_id").to_numpy(), meta.column("jump_index").to_numpy()
-    np.testing.assert_allclose(arr["values"]["mean_intensity"][ch, jp], xs.reshape(len(xs), -1).mean(1), rtol=1e-6)
-
-    rg = D.diagnose(good, burn_in=5)
-    assert rg["draws"] == n - 5 and rg["chains_used"] == c and rg["divergences"] == 0
-    assert rg["max_rhat"] < 1.05 and rg["mixing_ok"], rg["flags"]
-    assert len(rg["stats"]["proj"]["rhat"]) == 4
-
-    rb = D.diagnose(bad)
-    assert rb["divergences"] == 1 and rb["incomplete_chains"] == 1 and rb["chains_used"] == c - 1
-    assert rb["stats"]["mean_intensity"]["rhat"] > 1.1
-    assert not rb["mixing_ok"] and any("R-hat" in f for f in rb["flags"])
-
-    # classes: chains stuck at their level never switch; the labels come from the classifier
-    rc = D.diagnose(bad, stats=("score_norm",), classifier=lambda x: (x.reshape(len(x), -1).mean(1) > 0.5).astype(int),
-                    num_classes=2, reference=[0.5, 0.5])
-    t = rc["transitions"]
-    assert t["num_classes"] == 2 and t["switch_rate"] < 0.2 and t["visit_fractions"][1] >= 0.5
-    mixed = D.diagnose(good, stats=("score_norm",), num_classes=2,
-                       classifier=lambda x: (x.reshape(len(x), -1).mean(1) > 0.5).astype(int))["transitions"]
-    assert mixed["switch_rate"] > 0.3 and mixed["visit_fractions"][2] == 1.0
-
-    assert main(["diagnose", bad, "--json", "--stats", "score_norm,mean_intensity"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["mixing_ok"] is False and set(out["stats"]) == {"score_norm", "mean_intensity"}
-    assert main(["diagnose", good, "--burn-in", "5"]) == 0
-    assert "mixing ok" in capsys.readouterr().out
 
 
 def test_fid_from_store_plumbing(tmp_path):

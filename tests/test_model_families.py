@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from mmgm_ray.config import load_config
 from mmgm_ray.data import ImageDataset, load_digits
 from mmgm_ray.denoise import denoise, evaluate_denoiser
 from mmgm_ray.factory import load_artifact
@@ -14,6 +13,7 @@ from mmgm_ray.models import MUVB, PoissonMEM2
 from mmgm_ray.oracles import GammaPoissonOracle
 from mmgm_ray.train.loop import preview_samples, read_metrics, train_local
 from mmgm_ray.train.validate import validate_run
+from pinned import cpu_config
 from test_demo import _nn_dist  # the demo's nearest-real-digit measure, unchanged
 
 
@@ -29,7 +29,7 @@ def test_muvb_trains_on_digits_and_samples_digit_like(tmp_path):
     passes when its nearest-real-digit distance is within the held-out digits' 95th percentile;
     noise passes at ~0%). Ask 40% like the demo; the run gave 100% at 1000 steps (median distance
     1.0 against a threshold of 1.69) and the samples are not copies (median distance > 0.5)."""
-    cfg = load_config("digits_muvb", [f"output={tmp_path}", "train.steps=600", "train.preview.chains=0",
+    cfg = cpu_config("digits_muvb", *[f"output={tmp_path}", "train.steps=600", "train.preview.chains=0",
                                       "train.checkpoint_every=600"])
     res = train_local(cfg, progress=False)
     losses = [r["loss"] for r in read_metrics(str(tmp_path / "digits_muvb"))]
@@ -64,7 +64,7 @@ def test_poisson_energy_model_approaches_the_gamma_poisson_posterior_mean(tmp_pa
     a, b, M, d = 6.0, 2.0, 2, 2
     oracle = GammaPoissonOracle(a, b, M)
     ds = ImageDataset("gamma", _gamma_data(oracle, 20000, d, 0), None, (d,), "Gamma(6, 2)")
-    cfg = load_config(None, [f"output={tmp_path}", "name=gp", "noise.kind=poisson", f"noise.M={M}",
+    cfg = cpu_config(None, *[f"output={tmp_path}", "name=gp", "noise.kind=poisson", f"noise.M={M}",
                              "model.kind=mem2", "model.net.arch=mlp", "model.net.hidden=64", "model.net.depth=2",
                              "train.steps=600", "train.batch_size=256", "train.lr=0.003", "train.warmup_steps=50",
                              "train.ema_decay=0.99", "train.log_every=100", "train.checkpoint_every=600",
@@ -85,7 +85,7 @@ def test_poisson_energy_model_approaches_the_gamma_poisson_posterior_mean(tmp_pa
 
 
 def test_poisson_training_refuses_negative_rates(tmp_path):
-    cfg = load_config(None, [f"output={tmp_path}", "noise.kind=poisson", "model.kind=mem2", "train.batch_size=4"])
+    cfg = cpu_config(None, *[f"output={tmp_path}", "noise.kind=poisson", "model.kind=mem2", "train.batch_size=4"])
     ds = ImageDataset("neg", torch.randn(16, 3), None, (3,), "randn")
     with pytest.raises(ValueError, match="non-negative data"):
         validate_run(cfg, dataset=ds)

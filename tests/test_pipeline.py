@@ -7,8 +7,8 @@ import math
 import pytest
 from PIL import Image
 
-from mmgm_ray.config import load_config
 from mmgm_ray.pipeline import run_pipeline
+from pinned import cpu_config
 
 TINY = ["train.steps=30", "train.checkpoint_every=30", "train.log_every=10", "train.preview.chains=0",
         "train.batch_size=32", "sampler.block_size=32", "sampler.jump_every=10",
@@ -19,7 +19,7 @@ TINY = ["train.steps=30", "train.checkpoint_every=30", "train.log_every=10", "tr
 @pytest.mark.ray
 @pytest.mark.slow
 def test_main_job_end_to_end_and_rerun_resumes(ray_session, tmp_path):
-    cfg = load_config("digits", TINY + [f"output={tmp_path}", "name=main"])
+    cfg = cpu_config("digits", *TINY, f"output={tmp_path}", "name=main")
     rep = run_pipeline(cfg, progress=False)
     assert rep["sample"]["status"] == "done"
     assert rep["sample"]["samples"] == 64 * 4                         # every (chain, jump) once
@@ -42,6 +42,6 @@ def test_main_job_end_to_end_and_rerun_resumes(ray_session, tmp_path):
 
 
 def test_main_job_refuses_oracle_configs(tmp_path):
-    cfg = load_config("gmm_sample", [f"output={tmp_path}"])
+    cfg = cpu_config("gmm_sample", f"output={tmp_path}")
     with pytest.raises(ValueError, match="oracle"):
         run_pipeline(cfg, progress=False)

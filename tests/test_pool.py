@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from mmgm_ray import faults
-from mmgm_ray.config import DataConfig, RunConfig, from_dict
+from mmgm_ray.config import DataConfig, RunConfig
 from mmgm_ray.engine import WalkJumpEngine, chain_blocks
 from mmgm_ray.factory import load_sampling_model
 from mmgm_ray.store import (StoreNotWritableError, create_run, load_manifest, open_dataset, read_divergences,
                             read_lease, read_samples, sync_manifest_from_checkpoints)
+from pinned import cpu_dict, cpu_sets
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -39,7 +40,7 @@ def gmm_cfg(out, name, **pool) -> RunConfig:
          "store": {"rows_per_file": 700},  # parts roll inside checkpoint intervals too
          "pool": {"num_chains": CHAINS, "num_steps": STEPS, "checkpoint_every": CKPT, "num_actors": 2,
                   "cpus_per_actor": 1.0, "max_restarts": 3, **pool}}
-    return from_dict(RunConfig, d)
+    return cpu_dict(d)
 
 
 def rows(url, storage_options=None) -> tuple[pa.Table, bytes]:
@@ -189,7 +190,7 @@ def test_driver_stop_then_resume_same_rows(reference, tmp_path, monkeypatch):
     meta, _ = rows(summary["url"])
     assert meta.num_rows == committed
     # resume through the CLI with the run's recorded config
-    assert cli.main(["sample", "--resume", summary["url"], "--no-progress"]) == 0
+    assert cli.main(["sample", "--resume", summary["url"], "--no-progress", *cpu_sets()]) == 0
     man = load_manifest(summary["url"])
     assert man["status"] == "done" and man["resumes"] == 1
     assert_same_rows(summary["url"], reference[2])
@@ -335,7 +336,7 @@ def test_diverging_chain_isolated_and_reported(ray_session, tmp_path):
     x[5] = 1e6
     data_path = str(tmp_path / "init.parquet")
     write_parquet_dataset(ImageDataset("init", x, None, (2,), "test"), data_path, sample_dtype="float32")
-    cfg = from_dict(RunConfig, {
+    cfg = cpu_dict({
         "name": "div", "output": str(tmp_path), "seed": 1, "noise": {"sigma": 1.0, "M": 4},
         "oracle": {"kind": "gmm", "means": [[0.0, 0.0], [2.0, 2.0]], "var": 0.5},
         "data": {"name": "parquet", "path": data_path},
@@ -435,8 +436,8 @@ def test_bad_input_clear_errors_existing_data_untouched(reference, tmp_path, cap
     (tmp_path / "afile").write_text("x")
     with pytest.raises(StoreNotWritableError, match="not writable"):
         run_pool(gmm_cfg(tmp_path / "afile", "r"), progress=False)
-    assert cli.main(["sample", "--set", f"output={tmp_path / 'afile'}", "--set", "oracle.kind=gmm",
-                     "--set", "data.name=gmm", "--no-progress"]) == 2
+    assert cli.main(["sample", *cpu_sets(f"output={tmp_path / 'afile'}", "oracle.kind=gmm", "data.name=gmm"),
+                     "--no-progress"]) == 2
     assert "not writable" in capsys.readouterr().err
     # existing run: a copy of the reference, never modified by refused calls
     shutil.copytree(reference[0] / "ref", tmp_path / "ref")
@@ -466,8 +467,7 @@ def test_generate_cli_reads_back_with_load_dataset(ray_session, tmp_path):
     from mmgm_ray.factory import build_score_model, save_artifact
 
     # a tiny (untrained) image model artifact: exercises the artifact path and the PNG output
-    mcfg = from_dict(RunConfig, {"noise": {"sigma": 1.0, "M": 4},
-                                 "model": {"net": {"arch": "mlp", "hidden": 16, "depth": 1}}})
+    mcfg = cpu_dict({"noise": {"sigma": 1.0, "M": 4}, "model": {"net": {"arch": "mlp", "hidden": 16, "depth": 1}}})
     model = build_score_model(mcfg, (1, 8, 8))
     save_artifact(str(tmp_path / "model.pt"), model, mcfg, (1, 8, 8))
     run_cfg = {"name": "gen", "output": str(tmp_path / "runs"), "model_path": str(tmp_path / "model.pt"),
@@ -478,7 +478,8 @@ def test_generate_cli_reads_back_with_load_dataset(ray_session, tmp_path):
     out = tmp_path / "ds"
     rc = cli.main(["generate", "--config", str(tmp_path / "gen.yaml"), "--out", str(out),
                    "--num-samples", "100", "--burn-in", "10", "--thin", "2",
-                   "--grid", str(tmp_path / "grid.png"), "--png-dir", str(tmp_path / "png"), "--no-progress"])
+                   "--grid", str(tmp_path / "grid.png"), "--png-dir", str(tmp_path / "png"), "--no-progress",
+                   *cpu_sets()])
     assert rc == 0
     ds = load_dataset(DataConfig(name="parquet", path=str(out)))
     assert len(ds) == 100 and ds.event_shape == (1, 8, 8) and torch.isfinite(ds.x).all()

@@ -11,18 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 from ray.data.expressions import col, lit
 
-from mmgm_ray.config import RunConfig, from_dict
 from mmgm_ray.engine import chain_blocks
 from mmgm_ray.pool import ChainActor
 from mmgm_ray.postprocess import decode_samples, open_committed
 from mmgm_ray.store import create_run, read_samples, sync_manifest_from_checkpoints
+from pinned import cpu_dict
 
 CHAINS, STEPS, JUMP, CKPT = 96, 40, 5, 20
 
 
 def small_run(root, name: str = "run") -> str:
     """A finished 2-d GMM oracle run (2 blocks), written by an in-process chain actor."""
-    cfg = from_dict(RunConfig, {
+    cfg = cpu_dict({
         "name": name, "output": str(root), "seed": 5, "noise": {"sigma": 1.0, "M": 4},
         "oracle": {"kind": "gmm"}, "data": {"name": "gmm"}, "sampler": {"block_size": 48, "jump_every": JUMP},
         "store": {"rows_per_file": 100, "sample_dtype": "float32"},

@@ -266,8 +266,18 @@ def test_monitor_is_found_by_its_gcs_port(tmp_path):
 
 def _wait_idle(ray, timeout_s: float = 120.0) -> None:
     """Actors killed by earlier tests in the shared session release their CPUs asynchronously."""
+    from mmgm_ray.preflight import discover_capacity
+
+    def busy() -> bool:
+        if ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0):
+            return True
+        # The per-node view (GCS cluster status) that ``decide`` reads lags the scheduler by a
+        # report period, so wait for it too before asserting a NOW verdict.
+        cap = discover_capacity()
+        return sum(a.get("CPU", 0) for a in cap.available) < sum(t.get("CPU", 0) for t in cap.totals)
+
     deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0):
+    while busy():
         assert time.monotonic() < deadline, f"CPUs still busy: {ray.available_resources()}"
         time.sleep(0.5)
 

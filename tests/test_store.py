@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mmgm_ray.config import RunConfig, StoreConfig
+from mmgm_ray.config import StoreConfig
 from mmgm_ray.jumps import DivergenceEvent, JumpBatch
 from mmgm_ray.store import (
     METADATA_COLUMNS,
@@ -45,6 +45,7 @@ from mmgm_ray.store import (
     sync_manifest_from_checkpoints,
     update_manifest,
 )
+from pinned import cpu_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1, 3, 2)
@@ -620,7 +621,7 @@ def test_schema_mismatch_on_resume_touches_nothing(tmp_path, change):
 
 
 def test_manifest_is_the_committed_view(tmp_path):
-    cfg = RunConfig(name="cv", seed=3, store=StoreConfig(rows_per_file=4))  # store section comes from here
+    cfg = cpu_config(None, "name=cv", "seed=3", "store.rows_per_file=4")  # store section comes from here
     store = create_run(f"file://{tmp_path}", "cv", event_shape=SHAPE, config=cfg)
     assert store.config.rows_per_file == 4 and load_manifest(store)["config"]["seed"] == 3
     assert open_dataset(store.url).count_rows() == 0 and read_samples(store.url)[0].shape == (0, *SHAPE)

@@ -26,9 +26,9 @@ import torch
 from fake_cluster import free_port, free_range  # tests/: one definition of free ports
 from mmgm_ray import faults
 from mmgm_ray.cli import main as mmgm_main
-from mmgm_ray.config import load_config
 from mmgm_ray.factory import build_oracle, load_artifact
 from mmgm_ray.train.loop import noise_seed, read_metrics, train_local
+from pinned import cpu_config, cpu_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -50,7 +50,7 @@ def one_thread():
 
 
 def tiny_cfg(tmp_path, *extra):
-    return load_config("digits", TINY + [f"output={tmp_path}", *extra])
+    return cpu_config("digits", *TINY, f"output={tmp_path}", *extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_loss_falls_on_digits(tmp_path):
     assert all(np.isfinite(losses))
     # outputs: config, metrics, a preview PNG, the artifact (EMA weights) that loads and hashes
     run = tmp_path / "fall"
-    assert load_config(str(run / "config.yaml")).train.steps == 60
+    assert cpu_config(str(run / "config.yaml")).train.steps == 60
     assert [r["step"] for r in read_metrics(str(run))] == [10, 20, 30, 40, 50, 60]
     assert (run / "previews" / "step_0000060.png").exists()
     model, mcfg, info = load_artifact(str(run / "model.pt"))
@@ -78,7 +78,7 @@ def test_loss_falls_on_digits(tmp_path):
 
 def test_loop_is_deterministic_and_local_resume_is_exact(tmp_path):
     """Same seed -> same curve; stopping at a checkpoint and resuming gives the same curve."""
-    a = train_local(tiny_cfg(tmp_path, "train.steps=20", "name=a", "train.preview.chains=0"), progress=False)
+    train_local(tiny_cfg(tmp_path, "train.steps=20", "name=a", "train.preview.chains=0"), progress=False)
     cfg_b = tiny_cfg(tmp_path, "train.steps=10", "name=b", "train.preview.chains=0")
     first = train_local(cfg_b, progress=False)
     assert first.step == 10
@@ -110,10 +110,10 @@ def test_universal_mlp_approaches_gmm_oracle(tmp_path):
     factor 1.10 (model within 10% of Bayes risk) separates a learned posterior mean from a
     poor fit; the trained MLP reached 1.004 (model 0.1251 vs oracle 0.1246).
     """
-    cfg = load_config("gmm", [f"output={tmp_path}", "train.steps=1500", "train.log_every=500",
-                              "train.checkpoint_every=1500", "name=gmm"])
+    cfg = cpu_config("gmm", f"output={tmp_path}", "train.steps=1500", "train.log_every=500",
+                     "train.checkpoint_every=1500", "name=gmm")
     res = train_local(cfg, progress=False)
-    oracle = build_oracle(load_config("gmm", ["oracle.kind=gmm"]))
+    oracle = build_oracle(cpu_config("gmm", "oracle.kind=gmm"))
     g = torch.Generator().manual_seed(123)
     x, _ = oracle.sample_x(20000, g)
     x = x.float()
@@ -138,14 +138,13 @@ def test_bad_configs_fail_clearly(tmp_path, capsys):
         (["train.batch_size=5000"], "fewer than train.batch_size=5000"),
     ]:
         with pytest.raises(ValueError, match=pattern):
-            validate_run(load_config("digits", overrides + [f"output={tmp_path}"]))
-        rc = mmgm_main(["train", "--config", "digits", "--dry-run", "--set", f"output={tmp_path}",
-                        *sum((["--set", o] for o in overrides), [])])
+            validate_run(cpu_config("digits", *overrides, f"output={tmp_path}"))
+        rc = mmgm_main(["train", "--config", "digits", "--dry-run", *cpu_sets(f"output={tmp_path}", *overrides)])
         assert rc == 2
         err = capsys.readouterr().err
         assert err.startswith("mmgm train: error:") and "Traceback" not in err
     # a config mutated in code after loading is re-checked too
-    cfg = load_config("digits", [f"output={tmp_path}"])
+    cfg = cpu_config("digits", f"output={tmp_path}")
     cfg.noise.sigma = -1.0
     with pytest.raises(ValueError, match="noise.sigma"):
         validate_run(cfg)
@@ -188,13 +187,13 @@ def test_shipped_configs_dry_run(name, tmp_path, capsys):
     images: enough for 4 workers x 64); Fashion-MNIST gets a small IDX folder when Debian's
     dataset-fashion-mnist is not installed. The data is read and checked, not just named.
     """
-    extra = ["--set", f"output={tmp_path}/runs"]
+    extra = cpu_sets(f"output={tmp_path}/runs")
     if name.startswith("cifar10"):
         arc = tmp_path / "cifar-10-python.tar.gz"
         _write_cifar_archive(arc)
         extra += ["--set", f"data.path={arc}"]
         # without a path the config refuses to load, naming the key
-        assert mmgm_main(["train", "--config", name, "--dry-run"]) == 2
+        assert mmgm_main(["train", "--config", name, "--dry-run", *cpu_sets()]) == 2
         assert "data.path is required" in capsys.readouterr().err
     if name == "fashion_mnist":
         from mmgm_ray.data import default_fashion_mnist_dir
@@ -205,15 +204,15 @@ def test_shipped_configs_dry_run(name, tmp_path, capsys):
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["dry_run"] == "ok" and summary["parameters"] > 1000
-    assert load_config(name, [e for e in extra if e != "--set"]).name == name
+    assert cpu_config(name, *[e for e in extra if e != "--set"]).name == name
     assert f"name: {name}" in out  # the resolved config is printed
     assert not (tmp_path / "runs").exists()  # dry run: nothing written
 
 
 def test_demo_like_local_cli(tmp_path, capsys):
     """``mmgm train --local`` trains in-process and writes the artifact."""
-    rc = mmgm_main(["train", "--config", "digits", "--local", *sum((["--set", t] for t in TINY), []),
-                    "--set", "train.steps=10", "--set", f"output={tmp_path}", "--set", "name=cli"])
+    rc = mmgm_main(["train", "--config", "digits", "--local",
+                    *cpu_sets(*TINY, "train.steps=10", f"output={tmp_path}", "name=cli")])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step"] == 10 and Path(out["artifact"]).exists()
@@ -279,7 +278,9 @@ def test_ray_mem2_two_ddp_workers_resume_continues_steps_and_curve(ray_session, 
         assert r["loss"] == pytest.approx(ref_loss[r["step"]], rel=2e-3), (r["step"], r["loss"], ref_loss[r["step"]])
     assert hist[-1]["loss"] < hist[0]["loss"]
     model, mcfg, info = load_artifact(str(out / "mem2" / "model.pt"))
-    assert info["extra"] == {"step": 30, "world_size": 2} and mcfg.model.kind == "mem2"
+    extra = dict(info["extra"])
+    assert extra.pop("hardware")["device_type"] == "cpu"  # the device class the run was trained on
+    assert extra == {"step": 30, "world_size": 2} and mcfg.model.kind == "mem2"
     ref_model, _, _ = load_artifact(ref.artifact)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, ref_model.state_dict()[k], rtol=1e-3, atol=1e-5)
@@ -304,7 +305,8 @@ def test_ray_worker_crash_is_retried_from_checkpoint(ray_session, tmp_path, monk
     assert [r["start_step"] for r in hist] == [0, 0, 10, 10, 10, 10]
     assert hist[-1]["loss"] < hist[0]["loss"]
     _, _, info = load_artifact(res.artifact)
-    assert info["extra"] == {"step": 30, "world_size": 2}
+    assert info["extra"]["step"] == 30 and info["extra"]["world_size"] == 2
+    assert info["extra"]["hardware"]["device_class"].startswith("cpu/")
 
 
 @pytest.mark.ray
@@ -321,7 +323,7 @@ def test_ray_bad_config_fails_before_any_worker(ray_session, tmp_path):
     assert not (tmp_path / "bad").exists()  # no config.yaml: the trainer never started
     # the job entry point refuses too, with one line, before connecting to any cluster
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", "digits",
-                           "--set", "noise.sigma=-1"], capture_output=True, text=True, timeout=120,
+                           *cpu_sets("noise.sigma=-1")], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})  # joining would fail loudly
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "mmgm train: error: noise.sigma must be a finite number > 0, got -1.0"
@@ -380,9 +382,9 @@ def test_job_submit_to_token_auth_head(tmp_path):
         assert p.returncode != 0 and "auth" in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
         # the real submission
         out = short / "out"
-        sets = TINY + ["train.steps=20", f"output={out}", "name=job", "train.preview.chains=0"]
+        sets = cpu_sets(*TINY, "train.steps=20", f"output={out}", "name=job", "train.preview.chains=0")
         job = [str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT),
-               "--", "python", "jobs/train.py", "--config", "digits", *sum((["--set", s] for s in sets), [])]
+               "--", "python", "jobs/train.py", "--config", "digits", *sets]
         p = subprocess.run(job, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         logs = p.stdout + p.stderr
         assert p.returncode == 0, logs[-4000:]

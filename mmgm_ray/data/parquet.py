@@ -1,9 +1,14 @@
 """Image / vector data sets stored as Parquet, in the layout the engine's sample store writes.
 
 Layout: column ``sample`` is a fixed_size_list of uint8, float16 or float32 with prod(shape) values
-per row; optional ``label`` (int64); optional boolean ``diverged``. Schema metadata ``mmgm.shape``
-is the JSON event shape (e.g. ``[1, 8, 8]``) and ``mmgm.sample_dtype`` the element dtype name.
-uint8 samples are value/255 (images in [0, 1]); float samples are stored as they are.
+per row; optional ``label`` (int64); optional boolean ``diverged``; optional int64 ``step`` and
+``chain_id`` (where a generated sample came from). Schema metadata ``mmgm.shape`` is the JSON event
+shape (e.g. ``[1, 8, 8]``) and ``mmgm.sample_dtype`` the element dtype name. uint8 samples are
+value/255 (images in [0, 1]); float samples are stored as they are.
+
+Row order: the files' (sorted by path), except that a data set with both ``step`` and ``chain_id``
+columns is returned in (step, chain_id) order -- the order ``mmgm generate`` defines, whose parts
+Ray Data writes in no fixed order (:mod:`mmgm_ray.postprocess.generate`).
 """
 from __future__ import annotations
 
@@ -94,8 +99,11 @@ def load_parquet(path: str, name: str = "parquet") -> ImageDataset:
         if not pa.types.is_boolean(schema.field("diverged").type):
             raise ValueError(f"{path}: column 'diverged' must be boolean")
         keep = keep & (pc.field("diverged") == pa.scalar(False))  # null -> dropped
-    cols = ["sample"] + (["label"] if "label" in schema.names else [])
+    order = ["step", "chain_id"] if {"step", "chain_id"} <= set(schema.names) else []
+    cols = ["sample"] + (["label"] if "label" in schema.names else []) + order
     table = dset.to_table(columns=cols, filter=keep)
+    if order and table.num_rows:
+        table = table.sort_by([(c, "ascending") for c in order])
 
     samples = table.column("sample").combine_chunks() if table.num_rows else pa.array([], stype)
     if isinstance(samples, pa.ChunkedArray):
@@ -119,6 +127,22 @@ def load_parquet(path: str, name: str = "parquet") -> ImageDataset:
     return ImageDataset(name, x, labels, shape, str(path))
 
 
+def encode_samples(x: np.ndarray, sample_dtype: str) -> pa.FixedSizeListArray:
+    """The ``sample`` column of float32 rows ``(n, d)``: uint8 stores round(x * 255) (half to even;
+    x must be in [0, 1]), float16 / float32 store the values."""
+    if sample_dtype not in _PA_TYPES:
+        raise ValueError(f"sample_dtype must be one of {sorted(_PA_TYPES)}, got {sample_dtype!r}")
+    x = np.asarray(x, dtype=np.float32)
+    values = np.round(x * np.float32(255.0)).astype(np.uint8) if sample_dtype == "uint8" else x.astype(sample_dtype)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), _PA_TYPES[sample_dtype]), x.shape[1])
+
+
+def dataset_metadata(event_shape, sample_dtype: str, name: str) -> dict:
+    """Schema metadata of a Parquet data set: event shape, sample dtype, name."""
+    return {SHAPE_KEY: json.dumps([int(s) for s in event_shape]).encode(), DTYPE_KEY: sample_dtype.encode(),
+            b"mmgm.name": name.encode()}
+
+
 def write_parquet_dataset(ds: ImageDataset, path: str, sample_dtype: str = "uint8",
                           compression: str = "zstd") -> str:
     """Write ``ds`` in the sample-store Parquet layout; returns the file written.
@@ -129,22 +153,15 @@ def write_parquet_dataset(ds: ImageDataset, path: str, sample_dtype: str = "uint
     """
     if sample_dtype not in _PA_TYPES:
         raise ValueError(f"sample_dtype must be one of {sorted(_PA_TYPES)}, got {sample_dtype!r}")
-    x = ds.x.detach().cpu().reshape(len(ds), -1)
-    if sample_dtype == "uint8":
-        if len(ds) and (x.min() < 0 or x.max() > 1 or not torch.isfinite(x).all()):
-            raise ValueError(f"{ds.name}: uint8 storage needs values in [0, 1]; use float16/float32")
-        values = (x * 255.0).round().to(torch.uint8).numpy()
-    else:
-        values = x.numpy().astype(sample_dtype)
-    size = values.shape[1] if values.ndim == 2 else math.prod(ds.event_shape)
-    col = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), _PA_TYPES[sample_dtype]), size)
-    arrays, names = [col], ["sample"]
+    x = ds.x.detach().cpu().reshape(len(ds), math.prod(ds.event_shape)).numpy()
+    if sample_dtype == "uint8" and len(ds) and (x.min() < 0 or x.max() > 1 or not np.isfinite(x).all()):
+        raise ValueError(f"{ds.name}: uint8 storage needs values in [0, 1]; use float16/float32")
+    arrays, names = [encode_samples(x, sample_dtype)], ["sample"]
     if ds.labels is not None:
         arrays.append(pa.array(ds.labels.cpu().numpy().astype(np.int64), pa.int64()))
         names.append("label")
-    meta = {SHAPE_KEY: json.dumps(list(ds.event_shape)).encode(), DTYPE_KEY: sample_dtype.encode(),
-            b"mmgm.name": ds.name.encode()}
-    table = pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(meta)
+    table = pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(
+        dataset_metadata(ds.event_shape, sample_dtype, ds.name))
     fs, root = url_to_fs(path)
     target = root if root.endswith(".parquet") else posixpath.join(root, "part-00000.parquet")
     fs.makedirs(posixpath.dirname(target) or ".", exist_ok=True)

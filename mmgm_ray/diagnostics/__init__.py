@@ -4,8 +4,12 @@
   2021), FFT autocorrelation, integrated autocorrelation time (Geyer 1992), batch-means ESS
   (Vats, Flegal & Jones 2019), nested R-hat (Margossian et al. 2024); vectorized for 10^4 chains.
 * :mod:`~mmgm_ray.diagnostics.transitions`: class transition counts, visits, dwell, occupancy.
-* :mod:`~mmgm_ray.diagnostics.store_stats`: (chains, draws) arrays streamed from the Parquet
-  sample store and the :func:`diagnose` report behind ``mmgm diagnose RUN``.
+* :mod:`~mmgm_ray.diagnostics.functionals`: per-jump functionals (score norm, kinetic energy,
+  mean intensity, principal components, random projections, class) computed batch by batch,
+  exactly whatever the batching; :mod:`~mmgm_ray.diagnostics.classifier`: the small classifier.
+* :mod:`~mmgm_ray.diagnostics.mixing`: one functional's figures and the mixing report behind
+  ``mmgm diagnose RUN`` (the table and the reductions that feed it: ``mmgm_ray.postprocess``).
+* :mod:`~mmgm_ray.diagnostics.store_stats`: streaming sample reads for single-process consumers.
 * :mod:`~mmgm_ray.diagnostics.inception`: TF Inception-v3 pool3 features under the
   ``"uint8-nv-bilinear-299"`` preprocessing (uint8, NVIDIA/TF1 bilinear resize), a callable class
   for Ray Data ``map_batches``.
@@ -45,14 +49,8 @@ from mmgm_ray.diagnostics.mcmc import (
     split_chains,
     summarize,
 )
-from mmgm_ray.diagnostics.store_stats import (
-    DEFAULT_STATS,
-    chain_arrays,
-    chain_index,
-    diagnose,
-    iter_sample_batches,
-    nearest_mean_classifier,
-)
+from mmgm_ray.diagnostics.mixing import format_report, functional_summary, mixing_report
+from mmgm_ray.diagnostics.store_stats import chain_index, iter_sample_batches
 from mmgm_ray.diagnostics.transitions import (
     class_occupancy,
     dwell_times,
@@ -67,8 +65,7 @@ __all__ = [
     "integrated_autocorr_time", "batch_means_ess", "summarize", "default_workers",
     "transition_counts", "transition_matrix", "visit_fractions", "dwell_times", "class_occupancy",
     "transition_report",
-    "chain_index", "chain_arrays", "iter_sample_batches", "nearest_mean_classifier", "diagnose",
-    "DEFAULT_STATS",
+    "chain_index", "iter_sample_batches", "functional_summary", "mixing_report", "format_report",
     "InceptionFeatures", "FeatureStats", "default_weights_path", "frechet_distance",
     "fid_from_features", "kid", "reference_stats", "fid_from_store", "load_stats", "save_stats",
     "PREPROCESSING", "feature_stats", "fid_between", "cached_reference_stats", "reference_cache_path",

@@ -350,7 +350,7 @@ def reference_cache_path(cache_dir: str, data, n: int, preprocessing: str, weigh
 
 def cached_reference_stats(data, n: int, cache_dir: str, features: Callable | None = None, *,
                            weights_path: str | None = None, device: str = "cpu",
-                           batch_size: int = 256) -> FeatureStats:
+                           batch_size: int = 256, compute: Callable | None = None) -> FeatureStats:
     """Statistics of the first ``n`` images of a data set (``DataConfig``: name, split, path),
     computed once and cached as .npz under ``cache_dir`` (local path or fsspec URL), keyed by
     data set, split, ``n``, preprocessing and weights sha256 (:func:`reference_cache_path`).
@@ -359,7 +359,8 @@ def cached_reference_stats(data, n: int, cache_dir: str, features: Callable | No
     and dim are checked (one-line ValueError naming it otherwise). ``features`` (default: an
     :class:`InceptionFeatures` built on a miss only, from ``weights_path`` on ``device``) must
     carry ``preprocessing`` and ``weights_sha256`` attributes. ValueError if the data set has
-    fewer than ``n`` images."""
+    fewer than ``n`` images. ``compute`` (images -> FeatureStats with the same labels, e.g. features
+    on a Ray actor pool, ``mmgm_ray.postprocess.fid``) replaces the in-process computation on a miss."""
     if features is not None:
         prep, sha, dim = (getattr(features, k, None) for k in ("preprocessing", "weights_sha256", "dim"))
         if prep is None or sha is None:
@@ -378,8 +379,12 @@ def cached_reference_stats(data, n: int, cache_dir: str, features: Callable | No
     x = _images_of(data)
     if len(x) < int(n):
         raise ValueError(f"data set {_data_key(data)} has {len(x)} images, fewer than the {int(n)} requested")
-    feats = features if features is not None else InceptionFeatures(weights_path, device, batch_size=32)
-    st = feature_stats(x[:int(n)], feats, batch_size)
+    if compute is not None:
+        st = compute(x[:int(n)])
+        _check_expected(path, st, dim=dim, preprocessing=prep, weights_sha256=sha)
+    else:
+        feats = features if features is not None else InceptionFeatures(weights_path, device, batch_size=32)
+        st = feature_stats(x[:int(n)], feats, batch_size)
     st.save(path, dataset=_data_key(data), n_images=int(n))
     return st
 

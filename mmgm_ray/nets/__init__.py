@@ -12,16 +12,17 @@ from __future__ import annotations
 from torch import nn
 
 from .mlp import MLP, FlatMLP
-from .unet import UNet, norm_groups
+from .unet import ATTENTION_KERNELS, UNet, norm_groups
 
-__all__ = ["build_net", "UNet", "MLP", "FlatMLP", "norm_groups", "count_parameters"]
+__all__ = ["build_net", "ATTENTION_KERNELS", "UNet", "MLP", "FlatMLP", "norm_groups", "count_parameters"]
 
 
-def build_net(cfg, event_shape: tuple, in_mult: int = 1) -> nn.Module:
+def build_net(cfg, event_shape: tuple, in_mult: int = 1, attention: str = "fused") -> nn.Module:
     """Build the network a ``NetConfig`` describes for events of ``event_shape``.
 
     arch='auto' picks the U-Net for (C, H, W) events and the MLP for (d,) events; 'unet' on vectors
-    is an error; 'mlp' on images flattens them.
+    is an error; 'mlp' on images flattens them. ``attention``: the U-Net's attention kernels
+    (``unet.ATTENTION_KERNELS``; "math" when the model is trained through a double backward).
     """
     if hasattr(cfg, "validate"):
         cfg.validate()
@@ -37,7 +38,8 @@ def build_net(cfg, event_shape: tuple, in_mult: int = 1) -> nn.Module:
         c, h, _ = shape
         return UNet(in_mult * c, in_mult * c, channels=cfg.channels, channel_mult=list(cfg.channel_mult),
                     num_res_blocks=cfg.num_res_blocks, attn_resolutions=list(cfg.attn_resolutions),
-                    dropout=cfg.dropout, mid_attn=cfg.mid_attn, resolution=h, zero_init_out=cfg.zero_init_out)
+                    dropout=cfg.dropout, mid_attn=cfg.mid_attn, resolution=h, zero_init_out=cfg.zero_init_out,
+                    attention=attention)
     if len(shape) == 1:
         return MLP(in_mult * shape[0], cfg.hidden, cfg.depth, cfg.zero_init_out)
     return FlatMLP((in_mult * shape[0],) + shape[1:], cfg.hidden, cfg.depth, cfg.zero_init_out)

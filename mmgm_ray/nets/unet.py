@@ -6,6 +6,18 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+#: ``scaled_dot_product_attention`` kernels a U-Net may use, by what its model needs. The fused
+#: kernels (flash, memory-efficient; in order of preference) keep O(B heads HW) memory where the
+#: math kernel materializes the (B, heads, HW, HW) scores, but they have no double backward, which
+#: MEM^2 training needs: its loss differentiates the score, itself a gradient of the energy
+#: (THEORY section 3; ``create_graph=True``). The math kernel stays in "fused" as the fallback
+#: for inputs no fused kernel takes (e.g. float32 on CUDA for flash).
+ATTENTION_KERNELS: dict[str, tuple[SDPBackend, ...]] = {
+    "fused": (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH),
+    "math": (SDPBackend.MATH,),
+}
 
 
 def norm_groups(ch: int, max_groups: int = 32) -> int:
@@ -45,23 +57,36 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the H*W positions (scaled_dot_product_attention), residual."""
+    """Multi-head self-attention over the H*W positions (scaled_dot_product_attention), residual.
 
-    def __init__(self, ch: int, head_dim: int = 32):
+    ``kernels``: a key of :data:`ATTENTION_KERNELS`, the kernels the attention may run on.
+    """
+
+    def __init__(self, ch: int, head_dim: int = 32, kernels: str = "fused"):
         super().__init__()
+        if kernels not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernels must be one of {sorted(ATTENTION_KERNELS)}, got {kernels!r}")
         heads = max(1, ch // head_dim)
         while ch % heads:
             heads -= 1
         self.heads = heads
+        self.kernels = kernels
         self.norm = group_norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_(nn.Conv2d(ch, ch, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as contiguous (B, heads, HW, head_dim) tensors: the fused kernels need the last
+        (head) dimension at stride 1 and refuse the strided views of the conv's channel layout."""
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, dh)
-        out = F.scaled_dot_product_attention(q, k, v)
+        return qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_heads(x)
+        with sdpa_kernel(list(ATTENTION_KERNELS[self.kernels])):
+            out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 
@@ -98,13 +123,14 @@ class UNet(nn.Module):
     each fed the matching encoder activation by concatenation. The output conv is zero-initialised
     by default: the untrained net outputs 0 for every input, so wrappers that add a skip
     (x_hat = y + net) start at the identity and sigmoid outputs start at 1/2, instead of at a random
-    function of an input that may be far outside [0, 1].
+    function of an input that may be far outside [0, 1]. ``attention`` picks the attention kernels
+    (:data:`ATTENTION_KERNELS`): "math" for models trained through a double backward (MEM^2).
     """
 
     def __init__(self, in_channels: int, out_channels: int, channels: int = 32,
                  channel_mult: Sequence[int] = (1, 2), num_res_blocks: int = 1,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, mid_attn: bool = True,
-                 resolution: int = 32, zero_init_out: bool = True):
+                 resolution: int = 32, zero_init_out: bool = True, attention: str = "fused"):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         attn = set(int(r) for r in attn_resolutions)
@@ -121,7 +147,7 @@ class UNet(nn.Module):
                 blocks = [ResBlock(ch, channels * mult, dropout)]
                 ch = channels * mult
                 if res in attn:
-                    blocks.append(SelfAttention(ch))
+                    blocks.append(SelfAttention(ch, kernels=attention))
                 self.down.append(nn.ModuleList(blocks))
                 skip_ch.append(ch)
             if i != len(channel_mult) - 1:
@@ -129,7 +155,7 @@ class UNet(nn.Module):
                 skip_ch.append(ch)
                 res = (res + 1) // 2
 
-        self.mid = nn.ModuleList([ResBlock(ch, ch, dropout)] + ([SelfAttention(ch)] if mid_attn else [])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, dropout)] + ([SelfAttention(ch, kernels=attention)] if mid_attn else [])
                                  + [ResBlock(ch, ch, dropout)])
 
         # decoder
@@ -139,7 +165,7 @@ class UNet(nn.Module):
                 blocks = [ResBlock(ch + skip_ch.pop(), channels * mult, dropout)]
                 ch = channels * mult
                 if level_res[i] in attn:
-                    blocks.append(SelfAttention(ch))
+                    blocks.append(SelfAttention(ch, kernels=attention))
                 self.up.append(nn.ModuleList(blocks))
             if i != 0:
                 self.up.append(Upsample(ch))

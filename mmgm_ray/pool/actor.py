@@ -15,20 +15,34 @@ Two threads, one direction of data:
 The engine thread only talks to the engine through ``step_once``, ``drain_divergences`` and
 ``state_dict([block])``; the sink is touched by the writer thread only, once the actor runs, and
 publishes what it has committed through ``committed()`` (under a lock). On CUDA the jumps are
-copied into pinned host buffers with ``non_blocking=True`` and an event recorded on the copying
-stream; the writer waits on the event, so the copy overlaps with the next steps.
+copied into pinned host buffers with ``non_blocking=True`` and an event recorded on the stream the
+copies were queued on (the current stream of the jumps' device); the writer waits on the event, so
+the copy overlaps with the next steps.
+
+At start the actor sets its numerics flags (``sampler.allow_tf32``, deterministic cuDNN without
+autotuning), describes its hardware (``mmgm_ray.hardware``), refuses to continue a run recorded on
+another device class unless allowed, and plans its memory (``mmgm_ray.planner``: the micro-batch
+of the network calls and the writer's gather rows), printing the plan on stderr; both records
+come back with every ``advance`` result for the driver to put in the manifest.
 
 Block checkpoints hold the engine state at the latest checkpoint step t AND at the previous one
 (t - k): the sink writes its blocks' checkpoints one by one, so a crash in the middle of that loop
 leaves some blocks at t and the others at t - k. On restart every block is rolled back to the
 oldest common step (the writer restores the matching older writer state, deleting the newer parts,
-which are rewritten with identical bytes).
+which are rewritten with identical bytes). The same roll-back re-creates a committed part that is
+missing or damaged on storage (``BlockWriter.damaged``: size, CRC-32 on request) when it was written
+after the previous checkpoint; an older damaged part raises ``DamagedPartError`` naming it.
+
+Every checkpoint also carries the run's resolved config, model hash and event shape (``meta["run"]``),
+so a run whose manifest was lost can be rebuilt from its checkpoints alone (``store.rebuild_manifest``).
 """
 from __future__ import annotations
 
+import math
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -39,23 +53,28 @@ import ray
 import torch
 
 from mmgm_ray import faults
-from mmgm_ray.config import RunConfig, from_dict
+from mmgm_ray.config import PoolConfig, RunConfig, from_dict, to_dict
 from mmgm_ray.data import load_dataset
 from mmgm_ray.engine import WalkJumpEngine
 from mmgm_ray.factory import load_sampling_model
+from mmgm_ray.hardware import Precision, apply_precision, check_device_class, describe
 from mmgm_ray.jumps import DivergenceEvent, JumpBatch
+from mmgm_ray.planner import (MAX_GATHER_ROWS, MemoryPlan, available_host_memory, free_device_memory,
+                              measure_score_bytes, module_bytes, plan_memory)
 from mmgm_ray.store import SampleStore, acquire_lease
+from mmgm_ray.store.store import DamagedPartError
 
-_GATHER_ROWS = 1 << 18  # host rows gathered before conversion (bounds the writer's memory)
 
+def resolve_device(pool: PoolConfig) -> torch.device:
+    """The actor's device (``PoolConfig.device_type``; Ray shows a reserved GPU as cuda:0).
 
-def resolve_device(pool_device: str, gpus_per_actor: float) -> torch.device:
-    """``auto`` -> cuda when a GPU share was asked for and CUDA is visible, else cpu."""
-    if pool_device == "auto":
-        return torch.device("cuda" if gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
-    if pool_device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"pool.device={pool_device!r} but CUDA is not available on this worker")
-    return torch.device(pool_device)
+    A reserved GPU that CUDA cannot see is a ValueError: a GPU actor never falls back to the CPU.
+    """
+    want = pool.device_type()
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"pool.device={pool.device!r} with pool.gpus_per_actor={pool.gpus_per_actor} but CUDA "
+                         f"is not available on this worker")
+    return torch.device(want)
 
 
 # ---- messages from the engine thread to the writer thread -----------------------------------------
@@ -78,6 +97,23 @@ class Checkpoint(NamedTuple):
     status: str               # "running" | "done"
 
 
+def pinned_buffer(t: torch.Tensor) -> torch.Tensor:
+    """A page-locked host tensor shaped like ``t``: a non_blocking copy into it runs asynchronously."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+
+def copy_to_pinned(jb: JumpBatch) -> Jumps:
+    """Queue the device-to-host copies of ``jb`` into pinned buffers; ``copied`` fires once they landed.
+
+    A device-to-host copy runs on the current stream of the SOURCE tensor's device (whatever the
+    current device is), so the event is recorded on that stream.
+    """
+    host = JumpBatch(*(pinned_buffer(t).copy_(t, non_blocking=True) for t in jb))
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(jb.xhat.device))
+    return Jumps(host, event)
+
+
 def _split(sd: dict, prefix: str) -> tuple[dict, dict]:
     """Tensors (renamed ``prefix + key``) and JSON fields of a state dict: checkpoints keep them apart."""
     tensors = {prefix + k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -92,8 +128,13 @@ class BlockSink:
     """The writer-thread side of an actor: its blocks' writers, rows gathered before conversion,
     and the previous checkpoint of every block (for the roll-back described in the module doc)."""
 
-    def __init__(self, store: SampleStore, block_ids: Sequence[int]):
+    def __init__(self, store: SampleStore, block_ids: Sequence[int], gather_rows: int = MAX_GATHER_ROWS,
+                 run_meta: Optional[dict] = None, checksums: bool = False):
         self.block_ids = list(block_ids)
+        self.gather_rows = int(gather_rows)   # host rows gathered before conversion (the memory plan)
+        self.run_meta = dict(run_meta or {})   # config, model hash, event shape: recorded in every checkpoint
+        self.checksums = checksums
+        self.repaired: dict[str, str] = {}     # part -> what was wrong, re-created by rolling back
         self.writers = {b: store.writer(b) for b in self.block_ids}
         for b, w in self.writers.items():
             # a new epoch per (re)start: a writer of an older epoch that still runs is fenced off
@@ -107,30 +148,44 @@ class BlockSink:
     # ---- before the writer thread starts ---------------------------------------------------------
 
     def resume(self) -> tuple[int, Optional[list[dict]]]:
-        """Bring every writer to the oldest step all blocks committed; return that step and the
-        blocks' engine states there (None for step 0: the chains start afresh)."""
-        cks = {b: self.writers[b].resume() for b in self.block_ids}
-        steps = {b: int(ck[1]["engine"]["step"]) if ck is not None else 0 for b, ck in cks.items()}
-        for b, ck in cks.items():
-            if ck is not None and list(ck[1]["layout"]) != self.block_ids:
-                raise ValueError(f"block {b} was checkpointed by an actor holding blocks {ck[1]['layout']}, "
-                                 f"this actor holds {self.block_ids}: resume with the run's recorded layout")
-        m = min(steps.values())
+        """Bring every writer to the latest step that all blocks can restore intact; return that step
+        and the blocks' engine states there (None for step 0: the chains start afresh).
+
+        Each block offers its latest checkpoint and the previous one (both in the same file); a
+        block whose latest state lists a missing or damaged part offers only the previous one."""
+        options = {b: self._restorable(b) for b in self.block_ids}
+        m = min(max(o) for o in options.values())
         states = []
         for b in self.block_ids:
-            if cks[b] is None:   # a fresh block: then m == 0 and every block starts afresh
-                continue
-            tensors, meta = cks[b]
-            if steps[b] == m:
-                states.append(_join(tensors, meta["engine"], "cur."))
-                continue
-            # this block got one checkpoint further before the crash: roll it back to step m
-            if int(meta["prev_engine"]["step"]) != m:
-                raise RuntimeError(f"block {b} is at step {steps[b]} (previous {meta['prev_engine']['step']}), "
-                                   f"other blocks of the actor at {m}: checkpoints are inconsistent")
-            self.writers[b].restore(meta["prev_writer"])
-            states.append(_join(tensors, meta["prev_engine"], "prev."))
+            if m not in options[b]:
+                raise RuntimeError(f"block {b} can restore steps {sorted(options[b])}, the other blocks of the "
+                                   f"actor step {m}: checkpoints are inconsistent")
+            writer_state, engine, tensors, prefix = options[b][m]
+            self.writers[b].restore(writer_state)   # verified above; deletes the parts written after it
+            if engine is not None:
+                states.append(_join(tensors, engine, prefix))
         return m, (states if m > 0 else None)
+
+    def _restorable(self, b: int) -> dict[int, tuple]:
+        """{step: (writer state, engine fields, tensors, tensor prefix)} block ``b`` can restore."""
+        w = self.writers[b]
+        ck = w.load()
+        if ck is None:   # a fresh block: then every block of the actor starts afresh
+            return {0: (w.initial_state(), None, None, None)}
+        tensors, meta = ck
+        if list(meta["layout"]) != self.block_ids:
+            raise ValueError(f"block {b} was checkpointed by an actor holding blocks {meta['layout']}, "
+                             f"this actor holds {self.block_ids}: resume with the run's recorded layout")
+        prev = meta["prev_writer"]
+        bad = w.damaged(meta["writer"], checksums=self.checksums)
+        lost = {f: why for f, why in bad.items() if f in prev["files"]}
+        if lost:
+            raise DamagedPartError(w.store.url, b, lost)
+        self.repaired.update(bad)
+        out = {int(meta["prev_engine"]["step"]): (prev, meta["prev_engine"], tensors, "prev.")}
+        if not bad:
+            out[int(meta["engine"]["step"])] = (meta["writer"], meta["engine"], tensors, "cur.")
+        return out
 
     def remember(self, states: dict[int, dict], status: str) -> None:
         """Record the restored (or initial) state of every block as its previous checkpoint."""
@@ -169,7 +224,7 @@ class BlockSink:
         # (block, jump) costs more CPU than a cheap oracle's walk steps
         self._pending.append(msg.batch)
         self._pending_rows += len(msg.batch)
-        if self._pending_rows >= _GATHER_ROWS:
+        if self._pending_rows >= self.gather_rows:
             self._flush_pending()
 
     def _flush_pending(self) -> None:
@@ -195,7 +250,7 @@ class BlockSink:
             cur_t, cur_f = _split(msg.states[b], "cur.")
             prev_t, prev_f = _split(prev_sd, "prev.")
             meta = {"engine": cur_f, "prev_engine": prev_f, "prev_writer": prev_writer,
-                    "status": msg.status, "layout": self.block_ids}
+                    "status": msg.status, "layout": self.block_ids, "run": self.run_meta}
             # flush + ONE atomic file; refused (FencedError) once a newer actor holds the block
             writer_state = self.writers[b].checkpoint({**cur_t, **prev_t}, meta, step=msg.step)
             self._prev[b] = (msg.states[b], writer_state)
@@ -288,13 +343,22 @@ class ChainActor:
         block_ids: this actor's blocks, in batch order (its layout; never change it within a run).
         storage_options: fsspec options for the store (endpoint, credentials); never ``memory://``
             across processes.
+        recorded_hardware: the hardware the run recorded (manifest ``hardware``; None for a new run).
+        allow_device_change: continue a run recorded on another device class (else
+            ``hardware.DeviceChangeError``, raised before the store is touched).
+        credentials_env: environment variables (credentials) set in this process before the store is
+            opened; only when the user opted in to forwarding them.
 
     The constructor restores from the blocks' latest checkpoints, so Ray's ``max_restarts`` (which
     reruns ``__init__``) resumes exactly where the blocks were last committed.
     """
 
     def __init__(self, cfg: RunConfig | dict, store_root: str, run_id: str, block_ids: Sequence[int],
-                 storage_options: Optional[dict] = None):
+                 storage_options: Optional[dict] = None, *, recorded_hardware: Optional[dict] = None,
+                 allow_device_change: bool = False, credentials_env: Optional[dict] = None):
+        # credentials the user chose to forward (run_pool(forward_credentials=True)): an argument of
+        # this constructor, never the runtime env, which `ray list actors --detail` shows in clear
+        os.environ.update(credentials_env or {})
         self.cfg = cfg if isinstance(cfg, RunConfig) else from_dict(RunConfig, cfg)
         pool = self.cfg.pool
         self.block_ids = [int(b) for b in block_ids]
@@ -303,13 +367,22 @@ class ChainActor:
         if pool.cpus_per_actor >= 1:
             # one intra-op thread per CPU the actor was given: actors must not oversubscribe cores
             torch.set_num_threads(max(1, int(pool.cpus_per_actor)))
-        self.device = resolve_device(pool.device, pool.gpus_per_actor)
+        self.device = resolve_device(pool)
+        apply_precision(Precision(allow_tf32=self.cfg.sampler.allow_tf32))
+        self.hardware = describe(self.device)
+        self.device_note = check_device_class(recorded_hardware, self.hardware, f"run {run_id!r}",
+                                              allow_device_change)
         model, event_shape, self.model_hash = load_sampling_model(self.cfg, self.device)
         self.engine = WalkJumpEngine(model, self.cfg.sampler, event_shape, self.cfg.seed, self.block_ids,
                                      self.device, num_chains=pool.num_chains)
+        self.memory_plan = self._plan_memory(model)
+        print(f"[mmgm pool] blocks {self.block_ids[0]}..{self.block_ids[-1]} on {self.hardware['device_class']}: "
+              f"{self.memory_plan.summary()}", file=sys.stderr, flush=True)
+        run_meta = {"config": to_dict(self.cfg), "model_hash": self.model_hash, "event_shape": list(event_shape)}
         self.sink = NullSink() if faults.skip_store() else BlockSink(
             SampleStore(store_root, run_id, event_shape=event_shape, config=self.cfg.store,
-                        storage_options=storage_options, check_writable=False), self.block_ids)
+                        storage_options=storage_options, check_writable=False), self.block_ids,
+            gather_rows=self.memory_plan.gather_rows, run_meta=run_meta, checksums=pool.verify_checksums)
         self.start_step = self._restore()
         self.restarted = _was_reconstructed()
         self._stop = threading.Event()
@@ -319,6 +392,33 @@ class ChainActor:
         self.new_divergences: list[dict] = []
         self.writer = _WriterThread(self.sink, pool.queue_size)
         self.writer.start()
+
+    def _plan_memory(self, model: torch.nn.Module) -> MemoryPlan:
+        """Plan this actor's memory (``mmgm_ray.planner``) and set the engine's micro-batch from it
+        (``pool.micro_batch`` when set; a restored checkpoint's micro-batch wins over both)."""
+        pool, e = self.cfg.pool, self.engine
+        chain_shape = e.event_shape if e.reduced else (e.M, *e.event_shape)
+        probe_n = min(e.n_chains, e.bs if self.device.type == "cuda" else 4)
+        probe = torch.zeros(probe_n, *chain_shape, device=self.device)
+        score_fn = model.reduced_score if e.reduced else model.score
+        cpu_share = min(1.0, max(pool.cpus_per_actor, 1.0) / (os.cpu_count() or 1))
+        gpu = self.device.type == "cuda"
+        plan = plan_memory(
+            chains=e.n_chains, block_size=e.bs, state_numel=math.prod(chain_shape),
+            event_numel=math.prod(e.event_shape), noise_draws=e.n_draws,
+            score_bytes=measure_score_bytes(model, score_fn, probe), weights_bytes=module_bytes(model),
+            device=self.device.type, device_free=free_device_memory(self.device), host_free=available_host_memory(),
+            queue_size=pool.queue_size, jumps_per_checkpoint=-(-pool.checkpoint_every // self.cfg.sampler.jump_every),
+            fraction=pool.memory_fraction,
+            # a GPU actor plans with its share of the GPU; on a CPU the chains and the writer
+            # split the actor's share of the host memory
+            device_share=min(1.0, pool.gpus_per_actor) if gpu else cpu_share / 2,
+            host_share=cpu_share if gpu else cpu_share / 2)
+        micro = pool.micro_batch or plan.micro_batch
+        if micro >= e.bs:
+            micro -= micro % e.bs   # whole blocks: see WalkJumpEngine's micro_batch
+        e.micro_batch = micro if micro < e.n_chains else None
+        return plan
 
     def _restore(self) -> int:
         """Bring engine and sink to the oldest step every block has committed; return it."""
@@ -335,13 +435,7 @@ class ChainActor:
     # ---- engine thread ---------------------------------------------------------------------------
 
     def _to_host(self, jb: JumpBatch) -> Jumps:
-        if self.device.type != "cuda":
-            return Jumps(jb, None)
-        host = JumpBatch(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                           for t in jb))
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))  # the stream the copies were queued on
-        return Jumps(host, event)
+        return copy_to_pinned(jb) if self.device.type == "cuda" else Jumps(jb, None)
 
     def _send_divergences(self) -> None:
         events = self.engine.drain_divergences()
@@ -364,7 +458,7 @@ class ChainActor:
                 self._send_divergences()
             if jb is not None and len(jb):
                 self.writer.put(self._to_host(jb))
-            faults.after_walk_step()
+            faults.after_walk_step(e.step)
             if boundary:
                 return
 
@@ -416,8 +510,10 @@ class ChainActor:
                 "chain_steps_total": e.n_chains * (e.step - self.start_step),
                 "done": e.step >= self.num_steps, "stopped": self._stop.is_set(),
                 "restarted": self.restarted, "restored_step": self.start_step,
-                "blocks": self.sink.committed(), "divergence_events": divs,
-                "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s, "cpu_s": self.cpu_s}
+                "repaired": dict(getattr(self.sink, "repaired", {})), "blocks": self.sink.committed(),
+                "divergence_events": divs, "queue_wait_s": self.writer.wait_s, "busy_s": self.compute_s,
+                "cpu_s": self.cpu_s, "hardware": self.hardware, "memory_plan": self.memory_plan.as_dict(),
+                "micro_batch": e.micro_batch, "device_note": self.device_note}
 
     def commit(self) -> dict:
         """Wait until every submitted checkpoint is written; return the committed block entries."""
@@ -428,7 +524,8 @@ class ChainActor:
     def status(self) -> dict:
         """Current step and layout (cheap; for the driver and tests)."""
         return {"pid": os.getpid(), "step": self.engine.step, "block_ids": self.block_ids,
-                "restored_step": self.start_step, "restarted": self.restarted}
+                "restored_step": self.start_step, "restarted": self.restarted,
+                "device_class": self.hardware["device_class"], "micro_batch": self.engine.micro_batch}
 
     def close(self) -> None:
         """Stop the writer thread after the queued messages (a writer error is not re-raised here)."""

@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import ray.data
 from ray.data.expressions import Expr
 
+from mmgm_ray.diagnostics.functionals import raw_samples
 from mmgm_ray.store import dequantize, fsutil, load_manifest, sample_schema, schema_info
 
 # pyarrow's scanner reads ahead 16 batches x 4 files by default (~1 GB of decoded 784-d samples)
@@ -96,11 +97,5 @@ def decode_samples(batch: pa.RecordBatch | pa.Table | dict, info: dict) -> np.nd
 
     Accepts an Arrow batch/table or the numpy dict Ray Data's ``map_batches`` hands a transform
     (where ``sample`` arrives as an object or 2-d array of the fixed-size lists)."""
-    d = math.prod(info["shape"])
-    col = batch["sample"]
-    if isinstance(col, (pa.Array, pa.ChunkedArray)):
-        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        flat = col.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slice offsets
-    else:
-        flat = np.stack(col) if col.dtype == object else np.asarray(col)
-    return dequantize(flat.reshape(-1, d), info["sample_dtype"]).reshape(-1, *info["shape"])
+    raw = raw_samples(batch, math.prod(info["shape"]))
+    return dequantize(raw, info["sample_dtype"]).reshape(-1, *info["shape"])

@@ -9,7 +9,7 @@ makes its section say why it is missing instead of failing):
 * ``train``: ``{"history": [{"step", "loss", "ema_loss"?, ...}, ...], ...}`` (metrics.jsonl records).
 * ``sample``: ``{"status": "done" | "running" | ..., "rows", "samples", "divergences", ...}``;
   a status other than ``done`` marks the whole report as a run still in progress.
-* ``diagnostics``: :func:`mmgm_ray.diagnostics.diagnose` output: ``stats`` {functional: {rhat,
+* ``diagnostics``: :func:`mmgm_ray.postprocess.diagnose` output: ``stats`` {functional: {rhat,
   ess_bulk, ess_tail, ...}} (list values, e.g. ``proj``, are one functional per entry:
   ``proj_0``, ``proj_1``, ...), ``draws``, ``chains_used``, ``burn_in``, ``transitions``
   (:func:`mmgm_ray.diagnostics.transition_report`).

@@ -34,14 +34,17 @@ Public API
   :func:`acquire_lease`, :func:`read_lease`, ``BlockWriter.fence``, :class:`FencedError`.
 * :func:`load_manifest`, :func:`update_manifest`, :func:`sync_manifest_from_checkpoints`.
 * :func:`open_dataset`, :func:`read_samples`, :func:`read_divergences`.
-* Errors: :class:`StoreNotWritableError`, :class:`StoreFullError` (both OSError subclasses);
-  ValueError for bad input (non-finite sample, schema mismatch on resume, bad shape/dtype).
+* Errors: :class:`StoreNotWritableError`, :class:`StoreFullError`, :class:`StoreAccessError` (OSError
+  subclasses); :class:`DamagedPartError` (a committed part missing or damaged); ValueError for bad
+  input (non-finite sample, schema mismatch on resume, bad shape/dtype, bad storage options).
+* Recovery: :func:`manifest_from_checkpoints` rebuilds a lost manifest from the block checkpoints.
 """
-from mmgm_ray.store.fsutil import StoreError, StoreFullError, StoreNotWritableError
+from mmgm_ray.store.fsutil import StoreAccessError, StoreError, StoreFullError, StoreNotWritableError
 from mmgm_ray.store.manifest import (
     code_version,
     create_run,
     load_manifest,
+    manifest_from_checkpoints,
     open_run,
     sync_manifest_from_checkpoints,
     update_manifest,
@@ -57,14 +60,15 @@ from mmgm_ray.store.schema import (
     sample_schema,
     schema_info,
 )
-from mmgm_ray.store.store import (BlockWriter, FencedError, SampleStore, acquire_lease, load_block_checkpoint,
-                                  read_lease, save_block_checkpoint)
+from mmgm_ray.store.store import (BlockWriter, DamagedPartError, FencedError, SampleStore, acquire_lease,
+                                  checkpointed_blocks, load_block_checkpoint, read_lease, save_block_checkpoint)
 
 __all__ = [
     "SCHEMA_VERSION", "SAMPLE_DTYPES", "METADATA_COLUMNS", "sample_schema", "schema_info", "quantize",
     "dequantize", "SampleStore", "BlockWriter", "save_block_checkpoint", "load_block_checkpoint",
-    "acquire_lease", "read_lease", "FencedError",
+    "acquire_lease", "read_lease", "FencedError", "DamagedPartError", "checkpointed_blocks",
     "create_run", "open_run", "load_manifest", "update_manifest", "write_manifest",
-    "sync_manifest_from_checkpoints", "code_version", "open_dataset", "read_samples",
-    "read_divergences", "StoreError", "StoreFullError", "StoreNotWritableError",
+    "sync_manifest_from_checkpoints", "manifest_from_checkpoints", "code_version", "open_dataset",
+    "read_samples", "read_divergences", "StoreError", "StoreFullError", "StoreNotWritableError",
+    "StoreAccessError",
 ]

@@ -30,10 +30,12 @@ import pyarrow.parquet as pq
 from mmgm_ray.config import StoreConfig, from_dict, to_dict
 from mmgm_ray.store import fsutil
 from mmgm_ray.store.schema import QUANTIZATION, SCHEMA_VERSION, normalize_shape, schema_info
-from mmgm_ray.store.store import SampleStore, load_block_checkpoint
+from mmgm_ray.store.store import SampleStore, checkpointed_blocks, load_block_checkpoint
 
 MANIFEST_FORMAT = "mmgm.run_manifest"
 MANIFEST_VERSION = 1
+#: what every reader of a manifest relies on
+REQUIRED_KEYS = ("run_id", "event_shape", "sample_dtype", "blocks")
 
 
 def _now() -> str:
@@ -101,10 +103,15 @@ def load_manifest(run: SampleStore | str, storage_options: dict | None = None) -
         return None
     try:
         man = json.loads(fs.cat_file(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {e}); if the run's block checkpoints "
+                         f"are intact, move the file away and resume: the manifest is rebuilt from them") from e
     if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not an mmgm run manifest")
+    missing = [k for k in REQUIRED_KEYS if k not in man]
+    if missing:
+        raise ValueError(f"{path}: run manifest lacks {missing}; if the run's block checkpoints are intact, move "
+                         f"the file away and resume: the manifest is rebuilt from them")
     return man
 
 
@@ -143,7 +150,7 @@ def _check_existing(store: SampleStore) -> dict | None:
 def create_run(root: str, run_id: str, *, event_shape: Sequence[int], config: Any = None,
                store_config: StoreConfig | None = None, sample_dtype: str | None = None,
                model_hash: str | None = None, seeds: Any = None, storage_options: dict | None = None,
-               extra: dict | None = None) -> SampleStore:
+               extra: dict | None = None, replace: bool = False) -> SampleStore:
     """Create a run (or resume an existing one) and return its :class:`SampleStore`.
 
     Checks that the store is writable (raising :class:`StoreNotWritableError` before any chain
@@ -151,10 +158,16 @@ def create_run(root: str, run_id: str, *, event_shape: Sequence[int], config: An
     (else ValueError, and nothing existing is modified); on a match the manifest's ``resumes``
     counter is bumped and everything else is kept. ``config`` (a RunConfig or dict) is recorded
     resolved; its ``store`` section is used unless ``store_config`` is given.
+
+    ``replace=True`` starts an existing run that never committed anything (no block checkpoint: it
+    failed or was stopped before its first commit) afresh: its files are removed and a new manifest
+    is written. A run with a block checkpoint is never replaced (ValueError).
     """
     cfg = _store_config_from(config, store_config)
     store = SampleStore(root, run_id, event_shape=event_shape, config=cfg, sample_dtype=sample_dtype,
                         storage_options=storage_options, check_writable=True)
+    if replace:
+        _clear_uncommitted(store)
     existing = _check_existing(store)
     if existing is not None:
         existing["resumes"] = int(existing.get("resumes", 0)) + 1
@@ -177,6 +190,62 @@ def create_run(root: str, run_id: str, *, event_shape: Sequence[int], config: An
     _recompute(man)
     write_manifest(store, man)
     return store
+
+
+def _clear_uncommitted(store: SampleStore) -> None:
+    committed = checkpointed_blocks(store)
+    if committed:
+        raise ValueError(f"run {store.url} has committed blocks {committed[:5]}...; it is resumed, never replaced")
+    for folder in ("samples", "checkpoints"):
+        if fsutil.exists(store.fs, store.abspath(folder)):
+            store.fs.rm(store.abspath(folder), recursive=True)
+    fsutil.remove(store.fs, store.manifest_path)
+
+
+def manifest_from_checkpoints(run_url: str, storage_options: dict | None = None) -> dict | None:
+    """The manifest of a run whose ``manifest.json`` is gone, rebuilt from its block checkpoints
+    (not written): config, model hash and event shape from the run record every checkpoint carries,
+    the actor layout from their layouts, the committed files from their writer states. None when
+    the run has no block checkpoint; ValueError when the checkpoints carry no run record (written
+    before records existed) or disagree. Divergence counts are kept; the event list (with reasons)
+    is not recoverable and starts empty (the divergence rows stay in the store)."""
+    root, run_id = _split_run_url(run_url)
+    # a store object only to locate and read checkpoints: the event shape comes from them
+    locator = SampleStore(root, run_id, event_shape=(1,), storage_options=storage_options, check_writable=False)
+    blocks = checkpointed_blocks(locator)
+    if not blocks:
+        return None
+    metas = {b: load_block_checkpoint(locator, b)[1] for b in blocks}
+    records = {json.dumps(m.get("run"), sort_keys=True) for m in metas.values()}
+    if len(records) != 1 or not metas[blocks[0]].get("run"):
+        raise ValueError(f"cannot rebuild the manifest of {run_url}: its block checkpoints carry "
+                         f"{'no run record' if not metas[blocks[0]].get('run') else 'different run records'}; "
+                         f"resume with the run's config (--config) on a run that still has its manifest.json")
+    run = metas[blocks[0]]["run"]
+    cfg = from_dict(StoreConfig, run["config"]["store"])
+    layout = sorted({tuple(m["layout"]) for m in metas.values()})
+    man = {
+        "format": MANIFEST_FORMAT, "manifest_version": MANIFEST_VERSION, "schema_version": SCHEMA_VERSION,
+        "run_id": run_id, "event_shape": normalize_shape(run["event_shape"]), "sample_dtype": cfg.sample_dtype,
+        "quantization": QUANTIZATION[cfg.sample_dtype],
+        "store": {"rows_per_file": cfg.rows_per_file, "steps_per_file": cfg.steps_per_file,
+                  "compression": cfg.compression},
+        "config": run["config"], "model_hash": run["model_hash"], "seeds": None, "code_version": code_version(),
+        "created_at": _now(), "updated_at": _now(), "resumes": 0, "status": "interrupted",
+        "blocks": {str(b): _entry(m) for b, m in metas.items()}, "divergence_events": [],
+        "extra": {"layout": [list(g) for g in layout], "kind": "sample",
+                  "rebuilt": {"at": _now(), "from": f"{len(blocks)} block checkpoints"}},
+    }
+    _recompute(man)
+    return man
+
+
+def _entry(meta: dict) -> dict:
+    """A block's manifest entry from its checkpoint meta (the committed writer state)."""
+    st = meta["writer"]
+    return {"files": st["files"], "rows": st["rows_written"], "last_step": st["last_step"],
+            "divergences": st.get("divergences", 0), "status": meta.get("status", "running"),
+            "epoch": meta.get("epoch")}
 
 
 def open_run(run_url: str, *, storage_options: dict | None = None, check_writable: bool = True) -> SampleStore:
@@ -242,11 +311,6 @@ def sync_manifest_from_checkpoints(store: SampleStore, block_ids: Sequence[int] 
     entries = {}
     for b in ids:
         ck = load_block_checkpoint(store, b)
-        if ck is None:
-            continue
-        _, meta = ck
-        st = meta["writer"]
-        entries[b] = {"files": st["files"], "rows": st["rows_written"], "last_step": st["last_step"],
-                      "divergences": st.get("divergences", 0), "status": meta.get("status", "running"),
-                      "epoch": meta.get("epoch")}
+        if ck is not None:
+            entries[b] = _entry(ck[1])
     return update_manifest(store, blocks=entries)

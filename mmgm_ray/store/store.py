@@ -21,6 +21,12 @@ Exactly-once contract (what the chain pool must do), for each block:
    writer ``state()``. Nothing else needs saving.
 4. After a crash, step 1 then rerunning the deterministic chains from the checkpoint rewrites the same
    part names with identical contents: no row lost, none duplicated.
+5. Integrity: the writer state records the size and CRC-32 of every part it committed (``digests``);
+   ``restore`` checks the listed parts against it before touching anything (sizes always, CRCs on
+   request; a cheap Parquet footer read for parts of states written before digests existed) and
+   raises :class:`DamagedPartError` naming each missing or damaged part. A caller holding an older
+   state that excludes those parts (the pool keeps the previous checkpoint's) restores that one:
+   the parts are then rewritten, bit for bit, by rerunning the chains from there.
 
 Parts written after the last checkpoint are "uncommitted": they exist on storage until the block is
 restored or finished. The manifest lists only committed files, and readers that go through the
@@ -37,10 +43,10 @@ write: it can only produce names the current writer rewrites with identical byte
 """
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import re
+import zlib
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -69,6 +75,16 @@ CHECKPOINT_VERSION = 1
 
 class FencedError(RuntimeError):
     """A newer writer epoch holds the block: this writer must stop (its commits are refused)."""
+
+
+class DamagedPartError(RuntimeError):
+    """Committed parts of a block are missing or differ from what was committed (``damaged``:
+    run-relative name -> what is wrong). Nothing was modified."""
+
+    def __init__(self, url: str, block_id: int, damaged: dict[str, str]):
+        self.block_id, self.damaged = int(block_id), dict(damaged)
+        listed = "; ".join(f"{url}/{f}: {why}" for f, why in sorted(damaged.items()))
+        super().__init__(f"block {block_id}: committed part(s) missing or damaged: {listed}")
 
 
 def _check_block_id(block_id: int) -> int:
@@ -181,14 +197,14 @@ class SampleStore:
             out += [f"{self.block_relpath(b)}/{n}" for n in names if _PART.match(n)]
         return out
 
-    def write_parquet(self, table: pa.Table, relpath: str) -> None:
-        """Write ``table`` (schema v1) atomically at ``relpath``."""
+    def write_parquet(self, table: pa.Table, relpath: str) -> fsutil.Digest:
+        """Write ``table`` (schema v1) atomically at ``relpath``; return the file's size and CRC-32."""
         if not table.schema.equals(self.schema, check_metadata=True):
             raise ValueError(f"table schema does not match the store schema:\n{table.schema}\nvs\n{self.schema}")
         comp = self.config.compression
         comp = None if comp in ("none", "uncompressed") else comp
-        fsutil.atomic_write(self.fs, self.abspath(relpath),
-                            lambda f: pq.write_table(table, f, compression=comp))
+        return fsutil.atomic_write(self.fs, self.abspath(relpath),
+                                   lambda f: pq.write_table(table, f, compression=comp))
 
     def writer(self, block_id: int) -> "BlockWriter":
         """A :class:`BlockWriter` for ``block_id`` (call ``resume()`` or ``restore()`` before writing)."""
@@ -233,11 +249,13 @@ class BlockWriter:
     def initial_state(self) -> dict:
         """The state of a block with nothing committed."""
         return {"version": STATE_VERSION, "block_id": self.block_id, "next_seq": 0, "files": [],
-                "rows_written": 0, "last_step": None, "divergences": 0}
+                "rows_written": 0, "last_step": None, "divergences": 0, "digests": {}}
 
     def _reset(self, state: dict) -> None:
         self._next_seq = int(state["next_seq"])
         self._files = list(state["files"])
+        # [size, crc32] per part; states written before digests existed have none
+        self._digests = {f: list(d) for f, d in (state.get("digests") or {}).items() if f in self._files}
         self._rows_written = int(state["rows_written"])
         self._last_step = state.get("last_step")
         self._divergences = int(state.get("divergences", 0))
@@ -263,7 +281,8 @@ class BlockWriter:
         return self._rows_written
 
     def state(self) -> dict:
-        """Small JSON-able dict: {version, block_id, next_seq, files, rows_written, last_step, divergences}.
+        """Small JSON-able dict: {version, block_id, next_seq, files, rows_written, last_step, divergences,
+        digests} (``digests``: part name -> [size, crc32]).
 
         Raises RuntimeError while rows are buffered: a state that omitted them would lose them after
         a restore. Call ``flush()`` first (``checkpoint()`` does).
@@ -273,7 +292,8 @@ class BlockWriter:
                                f"call flush() before state()")
         return {"version": STATE_VERSION, "block_id": self.block_id, "next_seq": self._next_seq,
                 "files": list(self._files), "rows_written": self._rows_written,
-                "last_step": self._last_step, "divergences": self._divergences}
+                "last_step": self._last_step, "divergences": self._divergences,
+                "digests": {f: list(d) for f, d in self._digests.items()}}
 
     def manifest_entry(self, status: str = "running") -> dict:
         """Per-block manifest entry {files, rows, last_step, divergences, status} for the flushed state."""
@@ -281,34 +301,60 @@ class BlockWriter:
         return {"files": st["files"], "rows": st["rows_written"], "last_step": st["last_step"],
                 "divergences": st["divergences"], "status": status, "epoch": self.epoch}
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict, *, checksums: bool = False) -> None:
         """Return to ``state`` (from ``state()``): delete this block's parts with seq >= next_seq and
         stale hidden temp files, drop the buffer, continue writing at next_seq.
 
-        Raises RuntimeError if a part the state lists is missing (committed data lost elsewhere).
+        Raises :class:`DamagedPartError` (a RuntimeError), modifying nothing, if a part the state
+        lists is missing or damaged (see :meth:`damaged`).
         """
         if int(state.get("version", 0)) != STATE_VERSION:
             raise ValueError(f"unsupported writer state version {state.get('version')!r}")
         if int(state["block_id"]) != self.block_id:
             raise ValueError(f"writer state is for block {state['block_id']}, this writer is block {self.block_id}")
+        bad = self.damaged(state, checksums=checksums)
+        if bad:
+            raise DamagedPartError(self.store.url, self.block_id, bad)
         next_seq = int(state["next_seq"])
         fs = self.store.fs
         folder = self.store.abspath(self.store.block_relpath(self.block_id))
-        present = set()
         for name in fsutil.list_names(fs, folder):
             m = _PART.match(name)
             if m and int(m.group(1)) >= next_seq:
                 fs.rm(posixpath.join(folder, name))  # written after the last checkpoint
-            elif m:
-                present.add(f"{self.store.block_relpath(self.block_id)}/{name}")
             elif name.startswith(".") and name.endswith(".tmp"):
                 fs.rm(posixpath.join(folder, name))  # temp file of a writer that died mid-write
-        missing = [f for f in state["files"] if f not in present]
-        if missing:
-            raise RuntimeError(f"block {self.block_id}: checkpointed parts are missing from "
-                               f"{self.store.url}: {missing}")
         self._reset(state)
         self._checked_clean = True
+
+    def damaged(self, state: dict, *, checksums: bool = False) -> dict[str, str]:
+        """{run-relative part name: what is wrong} for the parts ``state`` lists that are missing or
+        differ from what was committed: size (from one listing of the block's folder), CRC-32 too
+        when ``checksums`` (reads every part), a Parquet footer read for parts without a recorded
+        digest (states written before digests existed). Empty when all is well."""
+        sizes = fsutil.list_sizes(self.store.fs, self.store.abspath(self.store.block_relpath(self.block_id)))
+        digests = state.get("digests") or {}
+        out = {}
+        for rel in state["files"]:
+            size = sizes.get(posixpath.basename(rel))
+            want = digests.get(rel)
+            if size is None:
+                out[rel] = "missing"
+            elif want is None:
+                out.update({rel: why for why in [self._footer_problem(rel)] if why})
+            elif size != int(want[0]):
+                out[rel] = f"{size} bytes, {int(want[0])} committed"
+            elif checksums and zlib.crc32(self.store.fs.cat_file(self.store.abspath(rel))) != int(want[1]):
+                out[rel] = "CRC-32 differs from the committed one"
+        return out
+
+    def _footer_problem(self, rel: str) -> str | None:
+        try:
+            with self.store.fs.open(self.store.abspath(rel), "rb") as f:
+                pq.read_metadata(f)
+        except Exception as e:  # noqa: BLE001 - whatever the reader says, the part is unreadable
+            return f"unreadable Parquet footer ({type(e).__name__})"
+        return None
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -375,10 +421,11 @@ class BlockWriter:
             self._checked_clean = True
         rel = self.store.part_relpath(self.block_id, self._next_seq)
         self._check_lease()
-        self.store.write_parquet(table, rel)
+        digest = self.store.write_parquet(table, rel)
         # counters move only after the part is visible
         self._next_seq += 1
         self._files.append(rel)
+        self._digests[rel] = [digest.size, digest.crc32]
         self._rows_written += table.num_rows
         self._divergences += int(table.column("diverged").to_numpy().sum())
         top = int(pc.max(table.column("step")).as_py())
@@ -418,16 +465,21 @@ class BlockWriter:
         Without a checkpoint, restore the initial state (deleting any parts of an earlier attempt)
         and return None: the block starts from scratch.
         """
-        self._remove_stale_checkpoint_temps()
-        ck = load_block_checkpoint(self.store, self.block_id)
+        ck = self.load()
         if ck is None:
             self.restore(self.initial_state())
             return None
-        tensors, meta = ck
-        if "writer" not in meta:
+        self.restore(ck[1]["writer"])
+        return ck
+
+    def load(self) -> tuple[dict, dict] | None:
+        """This block's latest checkpoint (tensors, meta), or None, without restoring anything
+        (stale checkpoint temp files are removed). For callers that choose the state to restore."""
+        self._remove_stale_checkpoint_temps()
+        ck = load_block_checkpoint(self.store, self.block_id)
+        if ck is not None and "writer" not in ck[1]:
             raise ValueError(f"block {self.block_id} checkpoint has no writer state (meta['writer'])")
-        self.restore(meta["writer"])
-        return tensors, meta
+        return ck
 
     def _remove_stale_checkpoint_temps(self) -> None:
         # a process killed while saving a block checkpoint leaves its hidden temp file behind
@@ -479,13 +531,13 @@ def load_block_checkpoint(store: SampleStore, block_id: int) -> tuple[dict, dict
 
     Uses ``torch.load(weights_only=True, map_location="cpu")``.
     """
-    import torch  # see save_block_checkpoint
+    from mmgm_ray.torchio import load_weights_only  # see save_block_checkpoint: torch only when needed
 
     steps = store.checkpoint_steps(block_id)
     if not steps:
         return None
     path = store.checkpoint_path(block_id, steps[-1])
-    obj = torch.load(io.BytesIO(store.fs.cat_file(path)), map_location="cpu", weights_only=True)
+    obj = load_weights_only(store.fs.cat_file(path), f"block checkpoint {path}")
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an mmgm block checkpoint")
     if int(obj.get("version", 0)) != CHECKPOINT_VERSION:
@@ -494,6 +546,17 @@ def load_block_checkpoint(store: SampleStore, block_id: int) -> tuple[dict, dict
         raise ValueError(f"{path} belongs to run {obj['run_id']!r} block {obj['block_id']}, "
                          f"expected run {store.run_id!r} block {block_id}")
     return dict(obj["tensors"]), json.loads(obj["meta_json"])
+
+
+def checkpointed_blocks(store: SampleStore) -> list[int]:
+    """Block ids that have at least one checkpoint file (i.e. committed something), ascending."""
+    out = []
+    for name in fsutil.list_names(store.fs, store.abspath("checkpoints")):
+        if name.startswith("block=") and name[len("block="):].isdigit():
+            b = int(name[len("block="):])
+            if store.checkpoint_steps(b):
+                out.append(b)
+    return sorted(out)
 
 
 # ---- leases (writer epochs) --------------------------------------------------------------------------

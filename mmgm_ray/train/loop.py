@@ -18,14 +18,19 @@ Determinism: the initial weights come from ``torch.manual_seed(cfg.seed)``; the 
 ``make_loader`` (seed, epoch, rank); the noise of step t on rank r from a private generator
 re-seeded with (seed, rank, t) at every step. So the run is a pure function of the config and the
 world size, and a run resumed from a checkpoint at step s takes exactly the steps an uninterrupted
-run would have taken (the data position is recomputed from s, not stored).
+run would have taken (the data position is recomputed from s, not stored). Bitwise so on CPUs: on
+GPUs the backward of some kernels (nearest upsampling, some cuDNN convolution algorithms) adds in
+a nondeterministic order, so a resumed curve matches to round-off only (docs/GPU.md). The TF32 and
+cuDNN flags are set from ``train.allow_tf32`` / ``cudnn_deterministic`` / ``cudnn_benchmark``, and
+the hardware (``mmgm_ray.hardware.describe``) is recorded in every checkpoint and the artifact; a
+checkpoint from another device class is refused unless ``allow_device_change``.
 """
 from __future__ import annotations
 
 import copy
-import io
 import itertools
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -39,9 +44,11 @@ from mmgm_ray.config import RunConfig, SamplerConfig, dump_config, from_dict, to
 from mmgm_ray.data import ImageDataset, channel_stats, load_dataset, make_loader
 from mmgm_ray.engine import WalkJumpEngine
 from mmgm_ray.factory import ARTIFACT_NAME, build_score_model, save_artifact
+from mmgm_ray.hardware import Precision, apply_precision, check_device_class, describe
 from mmgm_ray.images import save_grid
 from mmgm_ray.store.fsutil import atomic_write
 from mmgm_ray.train.validate import validate_run
+from mmgm_ray.torchio import load_weights_only
 
 CKPT_FORMAT = "mmgm-train-state"
 CKPT_VERSION = 1
@@ -220,9 +227,8 @@ class LocalSession(Session):
 
 
 def load_payload(f) -> dict:
-    """Read a checkpoint payload safely (``weights_only=True``) and check its format."""
-    payload = torch.load(io.BytesIO(f.read()) if hasattr(f, "read") else f, map_location="cpu",
-                         weights_only=True)
+    """Read a checkpoint payload from an open binary file, safely (``weights_only=True``), and check its format."""
+    payload = load_weights_only(f.read(), f"training checkpoint {getattr(f, 'path', '')}".rstrip())
     if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
         raise ValueError("not an mmgm training checkpoint")
     if payload.get("version") != CKPT_VERSION:
@@ -287,6 +293,7 @@ def training_loop(
     progress: bool = True,             # print a progress line every log_every steps (rank 0)
     write_artifact: bool = True,       # save {run_dir}/model.pt (EMA weights) at the end (rank 0)
     timing_warmup: Optional[int] = None,  # steps excluded from steady_images_per_s (default min(20, steps/5))
+    allow_device_change: bool = False,  # resume a checkpoint written on another device class (hardware.py)
 ) -> LoopResult:
     """Train ``cfg.model`` on ``cfg.data`` for ``cfg.train.steps`` steps (from a checkpoint if any)."""
     session = session or Session()
@@ -294,6 +301,8 @@ def training_loop(
     rank, world = session.rank, session.world_size
     device = session.device(cfg)
     is_main = rank == 0
+    apply_precision(Precision(tc.allow_tf32, tc.cudnn_deterministic, tc.cudnn_benchmark))
+    hardware = describe(device)
 
     # ---- data: the whole (small) set in memory on every rank; batches sharded by rank ----
     ds = dataset if dataset is not None else load_dataset(cfg.data)
@@ -306,6 +315,10 @@ def training_loop(
     start = 0
     if payload is not None:
         _check_compatible(payload["config"], cfg)
+        note = check_device_class(payload.get("hardware"), hardware, f"training run {cfg.name!r}",
+                                  allow_device_change)
+        if note and is_main:
+            print(f"[mmgm train] {note}", file=sys.stderr, flush=True)
         model.load_state_dict(payload["model"])
         start = int(payload["step"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -401,7 +414,7 @@ def training_loop(
                 payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                            "model": plain_state_dict(model), "ema": plain_state_dict(ema),
                            "optimizer": opt.state_dict(), "config": to_dict(cfg),
-                           "metrics": dict(last_record)}
+                           "metrics": dict(last_record), "hardware": hardware}
             session.report(dict(last_record), payload)
 
     steady = float("nan")
@@ -415,7 +428,7 @@ def training_loop(
         result.artifact = f"{run_dir}/{ARTIFACT_NAME}"
         result.model_hash = save_artifact(result.artifact, ema, cfg, event_shape,
                                           {"mean": mean, "std": std, "n": len(ds), "source": ds.source},
-                                          {"step": step, "world_size": world})
+                                          {"step": step, "world_size": world, "hardware": hardware})
         if progress:
             print(f"[mmgm train] wrote {result.artifact} (model hash {result.model_hash[:12]})", flush=True)
     return result
@@ -449,11 +462,13 @@ def _check_compatible(saved: dict, cfg: RunConfig) -> None:
 
 
 def train_local(cfg: RunConfig, resume: bool = True, progress: bool = True,
-                dataset: Optional[ImageDataset] = None, run_dir: Optional[str] = None) -> LoopResult:
+                dataset: Optional[ImageDataset] = None, run_dir: Optional[str] = None,
+                allow_device_change: bool = False) -> LoopResult:
     """Train in this process (no Ray): writes config.yaml, metrics.jsonl, previews/ and model.pt
-    under ``run_dir`` (default ``cfg.run_dir``); resumes from its checkpoint when ``resume``."""
+    under ``run_dir`` (default ``cfg.run_dir``); resumes from its checkpoint when ``resume`` (one
+    written on another device class only with ``allow_device_change``: ``hardware.DeviceChangeError``)."""
     plan = validate_run(cfg, dataset=dataset, world_size=1)
     run_dir = run_dir or cfg.run_dir
     write_config(cfg, run_dir)
     return training_loop(cfg, run_dir, LocalSession(run_dir, resume=resume), dataset=plan.dataset,
-                         progress=progress)
+                         progress=progress, allow_device_change=allow_device_change)

@@ -53,6 +53,7 @@ from mmgm_ray.cluster import require_ray
 from mmgm_ray.config import RunConfig, from_dict, to_dict
 from mmgm_ray.factory import ARTIFACT_NAME
 from mmgm_ray.preflight import ResourceRequest, ensure_resources
+from mmgm_ray.hardware import DeviceChangeError
 from mmgm_ray.train.loop import CKPT_FILE, Session, load_payload, read_metrics, training_loop, write_config
 from mmgm_ray.train.validate import RunPlan, validate_run
 
@@ -106,11 +107,13 @@ class RaySession(Session):
 
 def train_worker(config: dict) -> None:
     """Ray Train per-worker entry point: ``config = {"run": RunConfig as dict, "run_dir": str,
-    "progress": bool, "faults": the driver's fault-injection plan (tests; usually empty)}``."""
+    "progress": bool, "allow_device_change": bool, "faults": the driver's fault-injection plan
+    (tests; usually empty)}``."""
     faults.install(config.get("faults"))
     cfg = from_dict(RunConfig, config["run"])
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    training_loop(cfg, config["run_dir"], RaySession(), progress=config.get("progress", True))
+    training_loop(cfg, config["run_dir"], RaySession(), progress=config.get("progress", True),
+                  allow_device_change=config.get("allow_device_change", False))
 
 
 @dataclass
@@ -144,13 +147,14 @@ def check_cluster_resources(cfg: RunConfig) -> None:
     ensure_resources(request, timeout_s=r.scale_timeout_s)
 
 
-def _trainer(cfg: RunConfig, run_dir: str, progress: bool) -> TorchTrainer:
+def _trainer(cfg: RunConfig, run_dir: str, progress: bool, allow_device_change: bool) -> TorchTrainer:
     r = cfg.train.resources
     storage_path, storage_fs = storage_for(cfg.output)
     resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
     return TorchTrainer(
         train_worker,
-        train_loop_config={"run": to_dict(cfg), "run_dir": run_dir, "progress": progress, "faults": faults.plan()},
+        train_loop_config={"run": to_dict(cfg), "run_dir": run_dir, "progress": progress, "faults": faults.plan(),
+                           "allow_device_change": allow_device_change},
         torch_config=TorchConfig(backend=r.backend if r.backend != "auto" else ("nccl" if r.use_gpu else "gloo")),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -159,12 +163,28 @@ def _trainer(cfg: RunConfig, run_dir: str, progress: bool) -> TorchTrainer:
     )
 
 
-def run_ray_training(cfg: RunConfig, plan: Optional[RunPlan] = None, progress: bool = True) -> RayTrainResult:
+def _device_change(err: BaseException) -> Optional[DeviceChangeError]:
+    """The DeviceChangeError a worker raised, found in Ray Train's error (worker failures, causes)."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DeviceChangeError):
+            return e
+        todo += [e.__cause__, getattr(e, "cause", None), *getattr(e, "worker_failures", {}).values()]
+    return None
+
+
+def run_ray_training(cfg: RunConfig, plan: Optional[RunPlan] = None, progress: bool = True,
+                     allow_device_change: bool = False) -> RayTrainResult:
     """Train with Ray Train on the cluster this process joined (``mmgm_ray.cluster.ensure_ray``).
 
     Validates everything first (ValueError before any worker starts), writes ``config.yaml``,
     runs ``TorchTrainer.fit`` and returns the result; raises RuntimeError if training failed
-    after ``max_failures`` retries.
+    after ``max_failures`` retries, ``hardware.DeviceChangeError`` (a ValueError) when the latest
+    checkpoint was written on another device class and ``allow_device_change`` is False.
     """
     require_ray("run_ray_training")
     plan = plan or validate_run(cfg)
@@ -173,10 +193,16 @@ def run_ray_training(cfg: RunConfig, plan: Optional[RunPlan] = None, progress: b
         cfg = from_dict(RunConfig, {**to_dict(cfg), "output": os.path.abspath(cfg.output)})
     write_config(cfg, cfg.run_dir)
     try:
-        result = _trainer(cfg, cfg.run_dir, progress).fit()
+        result = _trainer(cfg, cfg.run_dir, progress, allow_device_change).fit()
     except Exception as e:  # V2 raises on failure after retries; keep the cause
+        refused = _device_change(e)
+        if refused is not None:
+            raise DeviceChangeError(str(refused)) from None
         raise RuntimeError(f"training run {cfg.name!r} failed: {e}") from e
     if result.error is not None:
+        refused = _device_change(result.error)
+        if refused is not None:
+            raise DeviceChangeError(str(refused)) from None
         raise RuntimeError(f"training run {cfg.name!r} failed: {result.error}") from result.error
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     return RayTrainResult(run_dir=cfg.run_dir, artifact=f"{cfg.run_dir}/{ARTIFACT_NAME}",
