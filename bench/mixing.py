@@ -3,7 +3,7 @@
 Runs ``WalkJumpEngine`` in this process (no Ray) from a trained artifact, reduces every jump to the
 functionals the main job's report checks -- score norm, kinetic energy, mean intensity, the data's
 4 leading principal components (``pc``), 4 random projections (``proj``) and the softmax confidence
-of a small trained classifier (``class_conf``; its labels give the class transitions) -- and prints,
+of the report's classifier (``class_conf``; its labels give the class transitions) -- and prints,
 per functional:
 
 * tau: the integrated autocorrelation time (Geyer's initial monotone sequence over the second half
@@ -32,11 +32,12 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from mmgm_ray.config import RunConfig, from_dict, load_config, to_dict
 from mmgm_ray.data import ImageDataset, load_dataset
 from mmgm_ray.diagnostics import mcmc, transitions
+from mmgm_ray.diagnostics.classifier import train_classifier
+from mmgm_ray.diagnostics.functionals import PCABasis, random_directions
 from mmgm_ray.engine import WalkJumpEngine, chain_blocks
 from mmgm_ray.factory import load_artifact
 from mmgm_ray.train.loop import train_local
@@ -45,17 +46,17 @@ GATED = ("score_norm", "kinetic", "mean_intensity", "pc", "proj", "class_conf")
 
 
 class Functionals:
-    """The per-jump scalars of the main job's report, fitted once on the training data."""
+    """The per-jump scalars of the main job's report, with the report's own pieces: the principal
+    components (``PCABasis``), random directions (seed 0, as ``postprocess.run_request``) and
+    classifier (``diagnostics.classifier``) of ``mmgm_ray.diagnostics``, fitted on the training data."""
 
-    def __init__(self, data: ImageDataset, n_pcs: int = 4, n_random: int = 4, seed: int = 0):
-        x = data.x.reshape(len(data), -1).double().numpy()
-        self.mean = x.mean(axis=0)
-        w, v = np.linalg.eigh(np.cov(x, rowvar=False))
-        self.pcs = v[:, ::-1][:, :n_pcs]
-        g = np.random.default_rng(seed).standard_normal((x.shape[1], n_random))
-        self.dirs = g / np.linalg.norm(g, axis=0, keepdims=True)
-        self.classifier, self.accuracy = train_classifier(data, seed)
-        self.frequencies = np.bincount(data.labels.numpy()) / len(data)
+    def __init__(self, data: ImageDataset, data_cfg: dict, n_pcs: int = 4, n_random: int = 4, seed: int = 0):
+        d = int(np.prod(data.event_shape))
+        self.pca = PCABasis.fit(data, n_pcs, data_cfg)
+        self.dirs = random_directions(d, n_random, seed)
+        self.classifier, info = train_classifier(data)
+        self.accuracy = info["accuracy"]
+        self.frequencies = np.asarray(info["class_frequencies"])
 
     def __call__(self, jb) -> tuple[dict, np.ndarray]:
         """name -> (n,) or (n, k) float64 for one jump batch; and the class labels (n,)."""
@@ -63,32 +64,11 @@ class Functionals:
         with torch.no_grad():
             prob = torch.softmax(self.classifier(jb.xhat.float()), dim=1).numpy()
         vals = {"score_norm": jb.score_norm.double().numpy(), "kinetic": jb.kinetic.double().numpy(),
-                "mean_intensity": x.mean(axis=1), "pc": (x - self.mean) @ self.pcs, "proj": x @ self.dirs,
-                "class_conf": prob.max(axis=1)}
+                "mean_intensity": x.mean(axis=1), "pc": x @ self.pca.components - self.pca.offsets,
+                "proj": x @ self.dirs, "class_conf": prob.max(axis=1)}
         labels = prob.argmax(axis=1)
         vals["class_onehot"] = np.eye(prob.shape[1])[labels]  # not gated: what class frequencies converge like
         return vals, labels
-
-
-def train_classifier(data: ImageDataset, seed: int = 0, epochs: int = 40) -> tuple[nn.Module, float]:
-    """A small CNN on 80% of the data (Adam, cross-entropy); returns it and its held-out accuracy."""
-    torch.manual_seed(seed)
-    k = int(data.labels.max()) + 1
-    c = data.event_shape[0]
-    net = nn.Sequential(nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
-                        nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, k))
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    hold, train = perm[:len(data) // 5], perm[len(data) // 5:]
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        for idx in train[torch.randperm(len(train))].split(64):
-            loss = nn.functional.cross_entropy(net(data.x[idx]), data.labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        acc = float((net(data.x[hold]).argmax(1) == data.labels[hold]).double().mean())
-    return net.eval(), acc
 
 
 def model_for(cfg: RunConfig, artifact: str | None):
@@ -211,7 +191,7 @@ def main() -> None:
 
 def mixing(model, cfg: RunConfig, event_shape, data: ImageDataset, args) -> dict:
     """Run the chains, print tau and the implied budget per functional and R-hat per horizon."""
-    funcs = Functionals(data)
+    funcs = Functionals(data, to_dict(cfg.data))
     print(f"classifier held-out accuracy {funcs.accuracy:.3f}", flush=True)
     w0 = time.perf_counter()
     arrays, labels, cpu = run_chains(model, cfg, event_shape, args.chains, args.steps, funcs)
