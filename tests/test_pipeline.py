@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -51,6 +52,7 @@ def test_main_job_refuses_oracle_configs(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # room to finish and report the wall time when the machine is shared
 def test_shipped_digits_main_job_converges_in_budget(ray_session, tmp_path):
     """The shipped digits config, only its output moved: every functional of the report reaches
     R-hat < 1.05 with bulk and tail ESS >= 400 (issue 11; docs/MIXING.md derives the budget), and
@@ -70,4 +72,5 @@ def test_shipped_digits_main_job_converges_in_budget(ray_session, tmp_path):
         assert np.all(np.asarray(e["ess_bulk"], dtype=float) >= 400), (name, e["ess_bulk"])
         assert np.all(np.asarray(e["ess_tail"], dtype=float) >= 400), (name, e["ess_tail"])
     assert diag["mixing_ok"] is True and diag["max_rhat"] < 1.05 and diag["min_ess_bulk"] >= 400
-    assert wall < 15 * 60, f"the digits main job took {wall:.0f} s, over its 15 minute budget"
+    load = os.getloadavg()[1]
+    assert wall < 15 * 60, f"the digits main job took {wall:.0f} s, over its 15 minute budget (load {load:.1f})"
