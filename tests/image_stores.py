@@ -67,3 +67,27 @@ class PixelFeatures:
         x = np.asarray(x)
         scale = 255.0 if x.dtype == np.uint8 else 1.0
         return (x.astype(np.float64) / scale).reshape(len(x), -1)
+
+
+def write_run(root, run_id, levels, n_jumps, seed, shape=(1, 4, 4), block_size=8, diverge_chain=None,
+              dtype="uint8"):
+    """A run whose chain c emits samples ~ clip(levels[c] + 0.15 noise) at every jump."""
+    rng = np.random.default_rng(seed)
+    store = create_run(str(root), run_id, event_shape=shape, sample_dtype=dtype)
+    c, d = len(levels), int(np.prod(shape))
+    for b in range((c + block_size - 1) // block_size):
+        w = store.writer(b)
+        ids = np.arange(b * block_size, min(c, (b + 1) * block_size))
+        for j in range(n_jumps):
+            alive = ids if diverge_chain is None or j < n_jumps // 2 else ids[ids != diverge_chain]
+            k = alive.size
+            x = np.clip(np.asarray(levels)[alive][:, None] + 0.15 * rng.standard_normal((k, d)), 0, 1)
+            w.add(JumpBatch(torch.as_tensor(alive), torch.full((k,), b), torch.full((k,), 2 * (j + 1)),
+                            torch.full((k,), j), torch.as_tensor(x, dtype=torch.float32).reshape(k, *shape),
+                            torch.as_tensor(rng.random(k), dtype=torch.float32),
+                            torch.as_tensor(rng.random(k), dtype=torch.float32)))
+        if diverge_chain is not None and diverge_chain in ids:
+            w.add_divergences([DivergenceEvent(int(diverge_chain), b, n_jumps + 1, "non-finite")])
+        w.flush()
+        update_manifest(store, blocks={b: w.manifest_entry("done")})
+    return store.url

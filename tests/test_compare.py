@@ -16,10 +16,13 @@ from mmgm_ray.factory import load_artifact
 from mmgm_ray.train.loop import train_local
 from pinned import CPU_PINS, cpu_config
 
-# CI-size budget shared by every variant: tiny training, a few chains, FID at N = 8
+# CI-size budget shared by every variant: tiny training, a few chains, FID at N = 8; 8 jumps per
+# chain leave 4 after burn-in, the fewest the diagnostics (and so the class transitions) accept.
+# The list replaces digits_compare's own ``set``, so its sampler settings are repeated here.
 TINY = ["train.steps=30", "train.checkpoint_every=30", "train.log_every=10", "train.preview.chains=0",
         "train.batch_size=32", "sampler.block_size=32", "sampler.jump_every=10",
-        "pool.num_chains=32", "pool.num_steps=40", "pool.checkpoint_every=20", "evaluate.fid_samples=8",
+        "sampler.delta=0.5", "sampler.gamma=0.5", "sampler.jump_at=half",
+        "pool.num_chains=32", "pool.num_steps=80", "pool.checkpoint_every=20", "evaluate.fid_samples=8",
         "evaluate.fid_reference=16", "evaluate.grid_samples=16"]
 
 

@@ -18,36 +18,13 @@ import torch
 from mmgm_ray.data import ImageDataset, load_digits
 from mmgm_ray.diagnostics.classifier import ClassifierConfig, cached_classifier, classifier_from_bytes, _split
 from mmgm_ray.diagnostics.functionals import Functionals, FunctionalsRequest, FunctionalsSpec, PCABasis, sha256_bytes
-from mmgm_ray.jumps import DivergenceEvent, JumpBatch
+from image_stores import write_run
+from mmgm_ray.jumps import JumpBatch
 from mmgm_ray.postprocess import Window, diagnose, load_functionals, open_committed
 from mmgm_ray.store import create_run, sync_manifest_from_checkpoints, update_manifest
 from pinned import cpu_dict
 
 DIGITS = {"name": "digits"}
-
-
-def write_run(root, run_id, levels, n_jumps, seed, shape=(1, 4, 4), block_size=8, diverge_chain=None,
-              dtype="uint8"):
-    """A run whose chain c emits samples ~ clip(levels[c] + 0.15 noise) at every jump."""
-    rng = np.random.default_rng(seed)
-    store = create_run(str(root), run_id, event_shape=shape, sample_dtype=dtype)
-    c, d = len(levels), int(np.prod(shape))
-    for b in range((c + block_size - 1) // block_size):
-        w = store.writer(b)
-        ids = np.arange(b * block_size, min(c, (b + 1) * block_size))
-        for j in range(n_jumps):
-            alive = ids if diverge_chain is None or j < n_jumps // 2 else ids[ids != diverge_chain]
-            k = alive.size
-            x = np.clip(np.asarray(levels)[alive][:, None] + 0.15 * rng.standard_normal((k, d)), 0, 1)
-            w.add(JumpBatch(torch.as_tensor(alive), torch.full((k,), b), torch.full((k,), 2 * (j + 1)),
-                            torch.full((k,), j), torch.as_tensor(x, dtype=torch.float32).reshape(k, *shape),
-                            torch.as_tensor(rng.random(k), dtype=torch.float32),
-                            torch.as_tensor(rng.random(k), dtype=torch.float32)))
-        if diverge_chain is not None and diverge_chain in ids:
-            w.add_divergences([DivergenceEvent(int(diverge_chain), b, n_jumps + 1, "non-finite")])
-        w.flush()
-        update_manifest(store, blocks={b: w.manifest_entry("done")})
-    return store.url
 
 
 def digits_run(root, run_id, chains=24, jumps=40, stay=0.8, seed=0):
@@ -298,7 +275,7 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no committed rows yet" in err[0]
     assert main(["diagnose", str(tmp_path / "nothing"), "--local"]) == 2
-    assert "no run manifest" in capsys.readouterr().err
+    assert f"no run at {tmp_path / 'nothing'}: no such folder" in capsys.readouterr().err
     assert not os.path.exists(f"{store.url}/functionals")
 
     run = write_run(tmp_path, "run", np.full(10, 0.5), 20, seed=4)

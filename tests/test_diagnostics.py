@@ -12,6 +12,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from image_stores import write_run
 from mmgm_ray import diagnostics as D
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -294,34 +295,8 @@ def test_missing_weights_is_a_clear_error(tmp_path):
 
 # ---- over the Parquet store ------------------------------------------------------------------------
 
-def _write_run(root, run_id, levels, n_jumps, seed, shape=(1, 4, 4), block_size=8, diverge_chain=None):
-    """A run whose chain c emits samples ~ clip(levels[c] + 0.15 noise) at every jump."""
-    from mmgm_ray.jumps import DivergenceEvent, JumpBatch
-    from mmgm_ray.store import create_run, update_manifest
-    rng = np.random.default_rng(seed)
-    store = create_run(str(root), run_id, event_shape=shape, sample_dtype="uint8")
-    c = len(levels)
-    for b in range((c + block_size - 1) // block_size):
-        w = store.writer(b)
-        ids = np.arange(b * block_size, min(c, (b + 1) * block_size))
-        for j in range(n_jumps):
-            alive = ids if diverge_chain is None or j < n_jumps // 2 else ids[ids != diverge_chain]
-            k = alive.size
-            x = np.clip(np.asarray(levels)[alive][:, None] + 0.15 * rng.standard_normal((k, int(np.prod(shape)))), 0, 1)
-            w.add(JumpBatch(chain_id=torch.as_tensor(alive), block_id=torch.full((k,), b),
-                            step=torch.full((k,), 2 * (j + 1)), jump_index=torch.full((k,), j),
-                            xhat=torch.as_tensor(x, dtype=torch.float32).reshape(k, *shape),
-                            score_norm=torch.as_tensor(rng.random(k), dtype=torch.float32),
-                            kinetic=torch.as_tensor(rng.random(k), dtype=torch.float32)))
-        if diverge_chain is not None and diverge_chain in ids:
-            w.add_divergences([DivergenceEvent(int(diverge_chain), b, n_jumps + 1, "non-finite")])
-        w.flush()
-        update_manifest(store, blocks={b: w.manifest_entry("done")})
-    return store.url
-
-
 def test_fid_from_store_plumbing(tmp_path):
-    run = _write_run(tmp_path, "fidrun", np.full(12, 0.5), 5, seed=3)
+    run = write_run(tmp_path, "fidrun", np.full(12, 0.5), 5, seed=3)
     batches = list(D.iter_sample_batches(run, select="last", batch_rows=5))
     assert sum(len(b) for b in batches) == 12 and batches[0].shape[1:] == (1, 4, 4)
     assert sum(len(b) for b in D.iter_sample_batches(run, select="all", max_samples=25)) == 25

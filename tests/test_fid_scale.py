@@ -26,7 +26,7 @@ import torch
 import image_stores
 from image_stores import PixelFeatures, add_uncommitted_part, image_run
 from mmgm_ray import cli
-from mmgm_ray.diagnostics.fid import FeatureStats, fid_between, kid
+from mmgm_ray.diagnostics.fid import FeatureStats, fid_between, kid, new_stats
 from mmgm_ray.diagnostics.inception import PREPROCESSING, InceptionFeatures, require_weights, weights_sha256
 from mmgm_ray.postprocess import open_committed
 from mmgm_ray.postprocess.fid import FeatureSettings, run_feature_stats, score_run, select_run
@@ -254,7 +254,8 @@ def test_inception_on_the_actor_pool_equals_one_shot(ray_session, tmp_path, ince
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the 1-CPU actors: oneDNN sums in another order with more threads (~1e-4)
     try:
-        one = FeatureStats().update(InceptionFeatures(batch_size=2).features(x[np.argsort(meta.column("chain_id"))]))
+        inception = InceptionFeatures(batch_size=2)  # labelled like the reference (preprocessing, weights)
+        one = new_stats(inception).update(inception.features(x[np.argsort(meta.column("chain_id"))]))
     finally:
         torch.set_num_threads(threads)
     assert images == stats.n == one.n == 6
