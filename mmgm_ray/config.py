@@ -180,9 +180,9 @@ class SamplerConfig:
     # TF32 matmuls / convolutions on Ampere+ GPUs: faster, ~1e-3 relative error, rows that differ
     # from a float32 GPU's (mmgm_ray.hardware); cuDNN runs deterministic, without autotuning
     allow_tf32: bool = False
-    # the sampler's forward (mmgm_ray.fastpath): "auto" = the device's best for learned networks
-    # (compiled only when the run is long enough to pay the compile back), "off" = float32 eager,
-    # "on" = every option the device supports. YAML's on / off booleans are accepted.
+    # the sampler's forward (mmgm_ray.fastpath): "auto" = fixed per device type, never timed (CPU:
+    # float32 eager; CUDA: bf16, compiled for long runs), "off" = float32 eager, "on" = every option
+    # the device supports, measured at start-up and recorded. YAML's on / off booleans are accepted.
     fast: Union[bool, Literal["auto", "on", "off"]] = "auto"
     autocast: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # network dtype (state stays float32)
     compile: Union[bool, Literal["auto", "on", "off"]] = "auto"  # torch.compile (eager fallback, one warning)

@@ -15,13 +15,15 @@ runs at the network's speed once the network runs at its best on the device. The
   CUDA graph at its fixed shape (no per-kernel launch cost).
 - ``micro_batch``: chains per forward. An engine holding 10,000 chains need not run them as one
   batch: the forward runs over equal chunks of ``micro_batch`` chains (a short last chunk is padded
-  with zeros when compiled, so a graph only ever sees one shape). ``resolve_options`` picks it by a
-  short measurement at start-up, bounded above by the caller's memory bound.
+  with zeros when compiled, so a graph only ever sees one shape).
 
-Reproducibility: the options decide the round-off, so a run resolves them once and records them
-(:meth:`FastOptions.as_dict`, in the engine's state dict hence the block checkpoints); a resume
-reuses the recorded set. With one option set on one device the trajectory is bitwise the same:
-the chunks hold the same rows in the same order and compiled CPU kernels are deterministic.
+Reproducibility: the options decide the round-off. The default, ``sampler.fast="auto"``, resolves
+them without any timing (``resolve_options``): float32 eager on a CPU, so a fresh run's rows depend
+on (run seed, chain id) only and never on the machine's load. ``fast="on"`` measures (micro-batch,
+and on a CPU bf16 vs float32) at start-up; a run records whatever set it resolved (engine state dict
+hence the block checkpoints, and the manifest's ``fast_path``) and a resume reuses the recorded set.
+With one option set on one device the trajectory is bitwise the same: the chunks hold the same rows
+in the same order and compiled CPU kernels are deterministic.
 """
 from __future__ import annotations
 
@@ -41,9 +43,11 @@ from mmgm_ray.models import EnergyScoreModel
 
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_MICRO_BATCH = 16
-# eager forward time a run must need before ``compile="auto"`` compiles: Inductor takes 1-4 minutes
-# on 2 CPU cores for the project's U-Nets and gains ~1.5x there, about a minute on a GPU for 2-4x
-COMPILE_PAYBACK_S = {"cpu": 900.0, "cuda": 120.0}
+# chain-steps a CUDA run must take before ``compile="auto"`` compiles: a count, not a timing (the
+# choice decides the round-off). Inductor takes about a minute on a GPU for 2-4x; 10^6 chain-steps of
+# a 33M-parameter U-Net at CIFAR size take 40-200 s on one H200 (measured 4,700 images/s float32
+# eager, 28,000 bf16 compiled)
+COMPILE_MIN_CHAIN_STEPS = 10 ** 6
 
 
 @dataclass(frozen=True)
@@ -257,12 +261,13 @@ def measure_micro_batch(fn: ScoreFn, options: FastOptions, device: torch.device,
 def _fastest_autocast(sampler: SamplerConfig, fn: ScoreFn, base: FastOptions, device: torch.device,
                       chain_shape: Sequence[int], n_chains: int, bound: Optional[int],
                       explicit_mb: int) -> tuple[FastOptions, int, Optional[float]]:
-    """(options with their autocast, micro-batch, rows/s or None) for ``sampler.autocast``.
+    """(options with their autocast, micro-batch, rows/s or None) for ``fast="on"``, measured.
 
-    "auto" is the device's native low precision (``native_low_precision``) on CUDA. On a CPU both
-    float32 and the native one are measured (eager) and low precision is kept only when >= 3% faster:
-    on a 2-core AVX512-BF16 CPU without AMX, eager bf16 ran the digits U-Net at half the float32
-    rate (``bench/sampler.py``, README "Performance"), the casts costing more than the arithmetic.
+    ``autocast="auto"`` is the device's native low precision (``native_low_precision``) on CUDA. On a
+    CPU both float32 and the native one are measured (eager) and low precision is kept only when
+    >= 3% faster: on a 2-core AVX512-BF16 CPU without AMX, eager bf16 ran the digits U-Net at half
+    the float32 rate (``bench/sampler.py``, README "Performance"), the casts costing more than the
+    arithmetic.
     """
     native = native_low_precision(device) if sampler.autocast == "auto" else sampler.autocast
     names = ["float32", native] if sampler.autocast == "auto" and device.type == "cpu" and native != "float32" \
@@ -283,41 +288,62 @@ def _fastest_autocast(sampler: SamplerConfig, fn: ScoreFn, base: FastOptions, de
     return best
 
 
+def _auto_options(sampler: SamplerConfig, model: nn.Module, device: torch.device, nhwc: bool, n_chains: int,
+                  work_chain_steps: int, mb: int) -> FastOptions:
+    """``fast="auto"`` for a network: a pure function of the config, the model, the device type and
+    the run's size, never of a timing (the options decide the round-off; a fresh run's rows must not
+    depend on the machine's load).
+
+    - autocast: float32 on a CPU (eager bf16 measured at half the float32 rate on the project's
+      AVX512-BF16 CPU, README "Performance"), the native low precision on CUDA;
+    - compile: never on a CPU (Inductor takes 1-4 minutes on 2 cores for the project's U-Nets for
+      ~1.5x, and float32 eager is the reference round-off); on CUDA for runs of at least
+      ``COMPILE_MIN_CHAIN_STEPS`` chain-steps, never for energy models (their score is a backward pass);
+    - micro-batch: the caller's (explicit or the memory bound), as given.
+    The explicit ``sampler.autocast`` / ``sampler.compile`` fields override.
+    """
+    native = native_low_precision(device) if device.type == "cuda" else "float32"
+    autocast = native if sampler.autocast == "auto" else sampler.autocast
+    if sampler.compile == "auto":
+        compile_ = (device.type == "cuda" and not isinstance(model, EnergyScoreModel)
+                    and work_chain_steps >= COMPILE_MIN_CHAIN_STEPS)
+    else:
+        compile_ = sampler.compile == "on"
+    mb = balanced_micro_batch(n_chains, mb) if compile_ and mb else mb
+    return FastOptions(autocast, nhwc, compile_, compile_ and device.type == "cuda", mb if mb < n_chains else 0)
+
+
 def resolve_options(sampler: SamplerConfig, model: nn.Module, device: torch.device | str,
                     chain_shape: Sequence[int], n_chains: int, work_chain_steps: int,
                     max_micro_batch: Optional[int] = None, micro_batch: int = 0) -> FastOptions:
     """The option set for ``sampler.fast`` / ``autocast`` / ``compile`` and ``micro_batch`` (the
-    caller's explicit chains per forward, e.g. ``pool.micro_batch``; 0 = measured) on ``device``.
+    caller's explicit chains per forward, e.g. ``pool.micro_batch``; 0 = none) on ``device``.
 
-    - ``fast="off"``: float32 eager; all chains in one forward unless ``micro_batch`` or the memory
-      bound ``max_micro_batch`` says otherwise.
-    - ``fast="on"``: low precision where it is faster (``_fastest_autocast``), channels_last for conv nets on
-      CUDA, compile (and CUDA graphs on CUDA), the measured micro-batch; the explicit ``autocast``
-      / ``compile`` fields and ``micro_batch`` override. With all three explicit nothing is measured
-      and the options are a pure function of the config, the model and the device.
-    - ``fast="auto"``: off for closed-form oracles (no network), else as "on", except that
-      ``compile="auto"`` compiles only when the run's eager forward time (``work_chain_steps``
-      chain-steps at the measured rate) exceeds ``COMPILE_PAYBACK_S`` of the device, and never for
-      energy models (their score is a backward pass).
+    - ``fast="off"``: float32 eager; the micro-batch is ``micro_batch`` or the memory bound
+      ``max_micro_batch`` (0 = all chains in one forward).
+    - ``fast="auto"`` (the default): off for closed-form oracles (no network), else
+      ``_auto_options``: nothing is measured, the options are a pure function of the config, the
+      model, the device type and the run's size (``work_chain_steps``), so a fresh run's rows do not
+      depend on the machine's load.
+    - ``fast="on"``: every option the device supports, chosen by a short measurement at start-up:
+      low precision where it is faster (``_fastest_autocast``), the fastest micro-batch within the
+      memory bound, channels_last for conv nets on CUDA, compile (and CUDA graphs on CUDA); the
+      explicit ``autocast`` / ``compile`` fields and ``micro_batch`` override, and with all three
+      explicit nothing is measured. A measured set depends on the load at start-up, so the run
+      records it (block checkpoints, manifest ``fast_path``) and a resume reuses it.
     """
     device = torch.device(device)
     bound = max_micro_batch if max_micro_batch else None
     explicit_mb = min(micro_batch, bound or micro_batch) if micro_batch else 0
+    given_mb = explicit_mb or bound or 0
     if sampler.fast == "off" or (sampler.fast == "auto" and not _has_network(model)):
-        mb = explicit_mb or (bound if bound and bound < n_chains else 0)
-        return dataclasses.replace(OFF, micro_batch=balanced_micro_batch(n_chains, mb) if mb else 0)
+        return dataclasses.replace(OFF, micro_batch=given_mb if given_mb < n_chains else 0)
     # NHWC pays on GPUs (tensor cores); on CPUs oneDNN showed no gain for these nets (measured)
     nhwc = device.type == "cuda" and _has_conv(model) and len(chain_shape) == 3
+    if sampler.fast == "auto":
+        return _auto_options(sampler, model, device, nhwc, n_chains, work_chain_steps, given_mb)
     fn = score_function(model, sampler.walk)
-    opts, mb, rate = _fastest_autocast(sampler, fn, FastOptions(channels_last=nhwc), device, chain_shape,
-                                       n_chains, bound, explicit_mb)
-    if sampler.compile == "auto" and sampler.fast == "auto":
-        if isinstance(model, EnergyScoreModel):
-            compile_ = False
-        else:
-            rate = rate or rows_per_second(FastScore(fn, dataclasses.replace(opts, micro_batch=mb), device,
-                                                     chain_shape), mb, chain_shape, device)
-            compile_ = work_chain_steps / rate > COMPILE_PAYBACK_S.get(device.type, float("inf"))
-    else:
-        compile_ = sampler.compile != "off"
+    opts, mb, _ = _fastest_autocast(sampler, fn, FastOptions(channels_last=nhwc), device, chain_shape,
+                                    n_chains, bound, explicit_mb)
+    compile_ = sampler.compile != "off" and not (sampler.compile == "auto" and isinstance(model, EnergyScoreModel))
     return dataclasses.replace(opts, compile=compile_, cuda_graphs=compile_ and device.type == "cuda", micro_batch=mb)

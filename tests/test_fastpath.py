@@ -112,32 +112,57 @@ def test_resolved_micro_batch_respects_the_memory_bound(monkeypatch):
     explicit = from_dict(SamplerConfig, {"fast": "on", "compile": "off"})
     assert fastpath.resolve_options(explicit, model, CPU, (4,), 5000, 10, max_micro_batch=300,
                                     micro_batch=1000).micro_batch == 295
-    # the memory bound holds with the fast path off as well
+    # the memory bound holds with the fast path off as well, as given (eager slices need no balancing)
     off = fastpath.resolve_options(SamplerConfig(fast="off"), model, CPU, (4,), 5000, 10, max_micro_batch=300)
-    assert off.autocast == "float32" and not off.compile and off.micro_batch == 295
+    assert off == FastOptions(micro_batch=300)
 
 
-def test_auto_is_off_for_oracles_and_compiles_only_long_runs_of_networks(monkeypatch):
+def _no_timing(monkeypatch):
+    for name in ("measure_micro_batch", "rows_per_second"):
+        monkeypatch.setattr(fastpath, name, lambda *a, **k: pytest.fail("auto measured a timing"))
+
+
+def test_cpu_auto_is_float32_eager_whatever_the_cpu_and_the_run(monkeypatch):
+    """The default on a CPU: float32 eager at the caller's micro-batch, even where bf16 is native and
+    for runs of any length, and without any timing, so a fresh run's round-off cannot depend on the
+    load at start-up (the reproducibility rule) and equals the fast path off's."""
+    _no_timing(monkeypatch)
+    monkeypatch.setattr(fastpath, "native_low_precision", lambda device: "bfloat16")
     auto = SamplerConfig()
     oracle = GaussianOracle([0.0, 1.0], torch.eye(2), GaussianMNM(1.0, 4)).float()
     assert fastpath.resolve_options(auto, oracle, CPU, (2,), 4096, 10 ** 9) == fastpath.OFF
     model = _mlp_model()
-    monkeypatch.setattr(fastpath, "measure_micro_batch", lambda *a, **k: (64, 1000.0))   # 1,000 rows/s
-    short = fastpath.resolve_options(auto, model, CPU, (4,), 512, 1000)
-    assert short == FastOptions("float32", False, False, False, 64)   # low precision no faster: float32
-    long = fastpath.resolve_options(auto, model, CPU, (4,), 512, 1000 * int(fastpath.COMPILE_PAYBACK_S["cpu"] + 1))
-    assert long.compile and not long.cuda_graphs
+    for work in (1, 10 ** 12):
+        assert fastpath.resolve_options(auto, model, CPU, (4,), 512, work) == fastpath.OFF
+        assert fastpath.resolve_options(auto, model, CPU, (4,), 512, work, max_micro_batch=200) == \
+            fastpath.resolve_options(SamplerConfig(fast="off"), model, CPU, (4,), 512, work, max_micro_batch=200) == \
+            FastOptions(micro_batch=200)
+    # explicit fields still override, still without timing
+    assert fastpath.resolve_options(SamplerConfig(autocast="bfloat16", compile="on"), model, CPU, (4,), 512, 1,
+                                    max_micro_batch=200) == FastOptions("bfloat16", compile=True, micro_batch=171)
+
+
+def test_cuda_auto_is_a_function_of_the_config_and_the_run_size(monkeypatch):
+    """On CUDA "auto" takes the native low precision, channels_last for conv nets, and compiles (with
+    CUDA graphs, on balanced chunks) from COMPILE_MIN_CHAIN_STEPS chain-steps on, never energy
+    models; nothing runs on the device and nothing is timed."""
+    _no_timing(monkeypatch)
+    monkeypatch.setattr(fastpath, "native_low_precision", lambda device: "bfloat16")
+    cuda, auto, model = torch.device("cuda"), SamplerConfig(), _mlp_model()
+    n = fastpath.COMPILE_MIN_CHAIN_STEPS
+    assert fastpath.resolve_options(auto, model, cuda, (4,), 512, n - 1, max_micro_batch=200) == \
+        FastOptions("bfloat16", micro_batch=200)
+    assert fastpath.resolve_options(auto, model, cuda, (4,), 512, n, max_micro_batch=200) == \
+        FastOptions("bfloat16", compile=True, cuda_graphs=True, micro_batch=171)
     energy = MEM2(MLP(3 * 4, 16, 1), GaussianMNM(1.0, 3), (4,))
-    assert not fastpath.resolve_options(SamplerConfig(walk="full"), energy, CPU, (3, 4), 512, 10 ** 12).compile
-    on = fastpath.resolve_options(SamplerConfig(fast="on", autocast="float32"), model, CPU, (4,), 512, 1)
-    assert on == FastOptions("float32", False, True, False, 64)
+    assert not fastpath.resolve_options(SamplerConfig(walk="full"), energy, cuda, (3, 4), 512, 10 ** 12).compile
 
 
-def test_cpu_autocast_auto_keeps_low_precision_only_when_measured_faster(monkeypatch):
-    """On a CPU "auto" measures float32 and the native low precision and keeps the faster (by >= 3%);
-    on a CPU without native bf16 only float32 is measured."""
+def test_on_measures_and_keeps_low_precision_only_when_faster_on_a_cpu(monkeypatch):
+    """``fast="on"`` on a CPU measures float32 and the native low precision and keeps the faster (by
+    >= 3%); on a CPU without native bf16 only float32 is measured; it compiles unless told not to."""
     model = _mlp_model()
-    auto = SamplerConfig(compile="off")
+    on = SamplerConfig(fast="on", compile="off")
     for native, bf16_rate, expect in (("bfloat16", 2000.0, "bfloat16"), ("bfloat16", 500.0, "float32"),
                                       ("bfloat16", 1020.0, "float32"), ("float32", 2000.0, "float32")):
         seen = []
@@ -148,8 +173,11 @@ def test_cpu_autocast_auto_keeps_low_precision_only_when_measured_faster(monkeyp
 
         monkeypatch.setattr(fastpath, "native_low_precision", lambda device: native)
         monkeypatch.setattr(fastpath, "measure_micro_batch", measure)
-        assert fastpath.resolve_options(auto, model, CPU, (4,), 512, 10).autocast == expect
+        assert fastpath.resolve_options(on, model, CPU, (4,), 512, 10).autocast == expect
         assert seen == (["float32", "bfloat16"] if native == "bfloat16" else ["float32"])
+    monkeypatch.setattr(fastpath, "measure_micro_batch", lambda *a, **k: (64, 1000.0))
+    assert fastpath.resolve_options(SamplerConfig(fast="on", autocast="float32"), model, CPU, (4,), 512, 1) == \
+        FastOptions("float32", False, True, False, 64)
 
 
 def test_compile_failure_warns_once_and_runs_eager(monkeypatch):

@@ -353,7 +353,7 @@ class ChainActor:
     The constructor restores from the blocks' latest checkpoints, so Ray's ``max_restarts`` (which
     reruns ``__init__``) resumes exactly where the blocks were last committed, with the fast-path
     options recorded there (``mmgm_ray.fastpath``: they decide the round-off); a fresh start
-    resolves them (``sampler.fast``, a short measurement) and records them with the first checkpoint.
+    resolves them (``sampler.fast``: without timing by default) and records them with the first checkpoint.
     """
 
     def __init__(self, cfg: RunConfig | dict, store_root: str, run_id: str, block_ids: Sequence[int],
@@ -428,7 +428,8 @@ class ChainActor:
     def _use_fast_path(self, model: torch.nn.Module, step: int, states: Optional[list[dict]]) -> None:
         """Give the engine the fast-path options (``mmgm_ray.fastpath``) the blocks were computed with
         (a resume: their checkpoints' header; the engine adopts their micro-batch when it restores),
-        else the options resolved for this device, the micro-batch measured within the memory plan's."""
+        else the options resolved for this device (``fast="on"``: the micro-batch measured within the
+        memory plan's; otherwise the memory plan's)."""
         e = self.engine
         if states:
             e.use_fast(fastpath.FastOptions.from_dict(states[0].get("fast", {})))
