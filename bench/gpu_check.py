@@ -20,7 +20,9 @@ JSON object. ``--quick`` shrinks the network and the sizes and does not compile 
 minutes on a small CPU), so the whole table runs on a CPU in a minute or two, one thread
 (tests/test_bench.py runs ``--device cpu --quick``); compilation is tested in tests/test_fastpath.py.
 
-    python bench/gpu_check.py [--device cuda|cpu] [--quick] [--min-time-s 2]
+    python bench/gpu_check.py [--device cuda|cpu] [--quick] [--min-time-s 2] [--json PATH]
+
+Stopped by SIGINT (the time limit of ``bench/gpu_check.sh``), it prints the rows measured so far.
 """
 from __future__ import annotations
 
@@ -128,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small network and sizes (CPU smoke run of the table)")
     ap.add_argument("--min-time-s", type=float, default=None, help="time per measurement (default 2, quick 0.2)")
+    ap.add_argument("--json", default=None, help="also write the result (the last line) to this file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.quick:
@@ -160,6 +163,24 @@ def main(argv=None) -> int:
                      "" if frac is None else f"{100 * frac:.1f}%", "" if ratio is None else f"{ratio:.2f}x"))
         return value
 
+    try:
+        measure(row, res, rows, model, cfg, n, device, min_t, args.quick)
+    except KeyboardInterrupt:   # the time limit of gpu_check.sh (SIGINT): report what was measured
+        rows.append(("interrupted", f"time limit reached after {time.perf_counter() - t_start:.0f} s", "", "", "", ""))
+        res["interrupted"] = True
+    res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    print_table(rows, device, flops, res)
+    line = json.dumps(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0
+
+
+def measure(row, res: dict, rows: list, model, cfg: RunConfig, n: dict, device: torch.device, min_t: float,
+            quick: bool) -> None:
+    """The table's rows, in order; ``row`` (from ``main``) measures and records one."""
     res["matmul_tflops"] = row("matmul", f"bf16 {n['matmul_n']}^3", lambda: matmul_tflops(n["matmul_n"], device, min_t),
                                "TFLOP/s", per_forward=False)
     eager_b = n["eager_batch"]
@@ -167,7 +188,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         eager = row("forward_fp32_eager", f"fp32 eager, batch {eager_b}",
                     lambda: rate(lambda: model.reduced_score(x), eager_b, device, min_t), "images/s")
-    sampler = from_dict(SamplerConfig, {**to_dict(cfg.sampler), "fast": "on", "compile": "off" if args.quick else "on"})
+    sampler = from_dict(SamplerConfig, {**to_dict(cfg.sampler), "fast": "on", "compile": "off" if quick else "on"})
     fast = fastpath.resolve_options(sampler, model, device, EVENT, n["max_micro_batch"], 10 ** 9,
                                     max_micro_batch=n["max_micro_batch"])
     t = time.perf_counter()
@@ -193,10 +214,6 @@ def main(argv=None) -> int:
         rows.append(("pool_1_actor_uint8", "skipped: Ray is not importable here (docs/GPU.md, The speed table)",
                      "", "", "", ""))
         res["pool_1_actor_uint8"] = "skipped: no Ray"
-    res["wall_s"] = round(time.perf_counter() - t_start, 1)
-    print_table(rows, device, flops, res)
-    print(json.dumps(res))
-    return 0
 
 
 def log(msg: str) -> None:
