@@ -42,6 +42,10 @@ from mmgm_ray.integrators import ScoreFn, ScoreOutput
 from mmgm_ray.models import EnergyScoreModel
 
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch.compile's CUDA graphs (cudagraph trees) keep their state in thread-local storage that only
+# the importing thread has before torch 2.13: a compiled function called on another Python thread
+# (a Ray actor's methods run on its executor threads) fails an assertion (pytorch issue 123177)
+CUDA_GRAPHS_ACROSS_THREADS = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 13)
 MIN_MICRO_BATCH = 16
 # chain-steps a CUDA run must take before ``compile="auto"`` compiles: a count, not a timing (the
 # choice decides the round-off). Inductor takes about a minute on a GPU for 2-4x; 10^6 chain-steps of
@@ -193,6 +197,8 @@ class FastScore:
         n, mb = y.shape[0], self.options.micro_batch or y.shape[0]
         if n == mb or (n < mb and not self.options.compile):
             psi, xhat = self._forward(y)
+            if self.options.cuda_graphs:   # the graph's output buffers are overwritten by its next replay
+                return ScoreOutput(psi.clone(), xhat.clone())
             return ScoreOutput(psi.contiguous(), xhat.contiguous())
         psi = xhat = None
         for s in range(0, n, mb):
@@ -298,7 +304,8 @@ def _auto_options(sampler: SamplerConfig, model: nn.Module, device: torch.device
       AVX512-BF16 CPU, README "Performance"), the native low precision on CUDA;
     - compile: never on a CPU (Inductor takes 1-4 minutes on 2 cores for the project's U-Nets for
       ~1.5x, and float32 eager is the reference round-off); on CUDA for runs of at least
-      ``COMPILE_MIN_CHAIN_STEPS`` chain-steps, never for energy models (their score is a backward pass);
+      ``COMPILE_MIN_CHAIN_STEPS`` chain-steps, never for energy models (their score is a backward
+      pass), without CUDA graphs (``CUDA_GRAPHS_ACROSS_THREADS``; ``fast="on"`` asks for them);
     - micro-batch: the caller's (explicit or the memory bound), as given.
     The explicit ``sampler.autocast`` / ``sampler.compile`` fields override.
     """
@@ -310,14 +317,17 @@ def _auto_options(sampler: SamplerConfig, model: nn.Module, device: torch.device
     else:
         compile_ = sampler.compile == "on"
     mb = balanced_micro_batch(n_chains, mb) if compile_ and mb else mb
-    return FastOptions(autocast, nhwc, compile_, compile_ and device.type == "cuda", mb if mb < n_chains else 0)
+    return FastOptions(autocast, nhwc, compile_, False, mb if mb < n_chains else 0)
 
 
 def resolve_options(sampler: SamplerConfig, model: nn.Module, device: torch.device | str,
                     chain_shape: Sequence[int], n_chains: int, work_chain_steps: int,
-                    max_micro_batch: Optional[int] = None, micro_batch: int = 0) -> FastOptions:
+                    max_micro_batch: Optional[int] = None, micro_batch: int = 0,
+                    same_thread: bool = True) -> FastOptions:
     """The option set for ``sampler.fast`` / ``autocast`` / ``compile`` and ``micro_batch`` (the
     caller's explicit chains per forward, e.g. ``pool.micro_batch``; 0 = none) on ``device``.
+    ``same_thread=False`` says the score may be called on another thread than the one building it
+    (a Ray actor): then no CUDA graphs before torch 2.13 (``CUDA_GRAPHS_ACROSS_THREADS``).
 
     - ``fast="off"``: float32 eager; the micro-batch is ``micro_batch`` or the memory bound
       ``max_micro_batch`` (0 = all chains in one forward).
@@ -346,4 +356,5 @@ def resolve_options(sampler: SamplerConfig, model: nn.Module, device: torch.devi
     opts, mb, _ = _fastest_autocast(sampler, fn, FastOptions(channels_last=nhwc), device, chain_shape,
                                     n_chains, bound, explicit_mb)
     compile_ = sampler.compile != "off" and not (sampler.compile == "auto" and isinstance(model, EnergyScoreModel))
-    return dataclasses.replace(opts, compile=compile_, cuda_graphs=compile_ and device.type == "cuda", micro_batch=mb)
+    graphs = compile_ and device.type == "cuda" and (same_thread or CUDA_GRAPHS_ACROSS_THREADS)
+    return dataclasses.replace(opts, compile=compile_, cuda_graphs=graphs, micro_batch=mb)

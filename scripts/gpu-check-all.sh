@@ -46,7 +46,7 @@ timeout --signal=INT --kill-after=15 "$tests_s" "$PYTHON" -m pytest \
   -q -rA --timeout 150 -p no:cacheprovider --junitxml "$OUT/tests_gpu.xml" ${PYTEST_ARGS:-} \
   2>&1 | tee "$OUT/tests_gpu.log"
 rc=${PIPESTATUS[0]}
-say "tests_gpu: exit status $rc ($(tail -1 "$OUT/tests_gpu.log"))"
+say "tests_gpu: exit status $rc ($(grep -v "^\s*$" "$OUT/tests_gpu.log" | tail -n 1))"
 ray_logs() {   # the Ray processes' error logs, small ones only (an actor that died says why there)
   find /tmp/mmgm-ray-gpu-* /tmp/ray -path '*/session_2*/logs/*' -name '*.err' -size +0 -size -512k 2>/dev/null \
     | head -100 | tar -czf "$OUT/ray_logs_$1.tar.gz" -T - 2>/dev/null

@@ -143,9 +143,10 @@ def test_cpu_auto_is_float32_eager_whatever_the_cpu_and_the_run(monkeypatch):
 
 
 def test_cuda_auto_is_a_function_of_the_config_and_the_run_size(monkeypatch):
-    """On CUDA "auto" takes the native low precision, channels_last for conv nets, and compiles (with
-    CUDA graphs, on balanced chunks) from COMPILE_MIN_CHAIN_STEPS chain-steps on, never energy
-    models; nothing runs on the device and nothing is timed."""
+    """On CUDA "auto" takes the native low precision, channels_last for conv nets, and compiles (on
+    balanced chunks, without CUDA graphs) from COMPILE_MIN_CHAIN_STEPS chain-steps on, never energy
+    models; nothing runs on the device and nothing is timed. ``fast="on"`` adds CUDA graphs, except
+    for a score called on other threads (a Ray actor) where torch cannot replay them there."""
     _no_timing(monkeypatch)
     monkeypatch.setattr(fastpath, "native_low_precision", lambda device: "bfloat16")
     cuda, auto, model = torch.device("cuda"), SamplerConfig(), _mlp_model()
@@ -153,7 +154,12 @@ def test_cuda_auto_is_a_function_of_the_config_and_the_run_size(monkeypatch):
     assert fastpath.resolve_options(auto, model, cuda, (4,), 512, n - 1, max_micro_batch=200) == \
         FastOptions("bfloat16", micro_batch=200)
     assert fastpath.resolve_options(auto, model, cuda, (4,), 512, n, max_micro_batch=200) == \
+        FastOptions("bfloat16", compile=True, micro_batch=171)
+    on = SamplerConfig(fast="on")
+    assert fastpath.resolve_options(on, model, cuda, (4,), 512, 1, micro_batch=200) == \
         FastOptions("bfloat16", compile=True, cuda_graphs=True, micro_batch=171)
+    monkeypatch.setattr(fastpath, "CUDA_GRAPHS_ACROSS_THREADS", False)
+    assert not fastpath.resolve_options(on, model, cuda, (4,), 512, 1, micro_batch=200, same_thread=False).cuda_graphs
     energy = MEM2(MLP(3 * 4, 16, 1), GaussianMNM(1.0, 3), (4,))
     assert not fastpath.resolve_options(SamplerConfig(walk="full"), energy, cuda, (3, 4), 512, 10 ** 12).compile
 

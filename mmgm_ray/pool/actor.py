@@ -437,7 +437,7 @@ class ChainActor:
         shape = fastpath.chain_shape(model, self.cfg.sampler.walk, e.event_shape)
         fast = fastpath.resolve_options(self.cfg.sampler, model, self.device, shape, e.n_chains,
                                         e.n_chains * (self.num_steps - step), max_micro_batch=e.micro_batch,
-                                        micro_batch=self.cfg.pool.micro_batch)
+                                        micro_batch=self.cfg.pool.micro_batch, same_thread=False)
         micro = fast.micro_batch or e.n_chains
         if micro >= e.bs:
             micro -= micro % e.bs   # whole blocks, as the memory plan cuts
