@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def make_cfg(out: str, name: str, chains: int, steps: int, actors: int, dim: int = 2):
+def make_cfg(out: str, name: str, chains: int, steps: int, actors: int, dim: int = 2, checkpoint_every: int = 100):
     from mmgm_ray.config import RunConfig, from_dict
     return from_dict(RunConfig, {
         "name": name, "output": out, "seed": 0, "noise": {"sigma": 1.0, "M": 4},
@@ -34,7 +34,7 @@ def make_cfg(out: str, name: str, chains: int, steps: int, actors: int, dim: int
         "sampler": {"block_size": 256, "jump_every": 10},
         "store": {"sample_dtype": "float32"},
         "pool": {"num_chains": chains, "num_steps": steps, "num_actors": actors, "cpus_per_actor": 1.0,
-                 "checkpoint_every": 100}})
+                 "checkpoint_every": checkpoint_every}})
 
 
 def bare_rate(cfg, blocks, threads: int, steps: int) -> tuple[float, float]:
@@ -62,6 +62,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--dim", type=int, default=2, help="GMM dimension (bigger = costlier score per step)")
+    ap.add_argument("--checkpoint-every", type=int, default=100,
+                    help="walk steps between block checkpoints: the store's cost is ~fixed per (block, checkpoint)")
     args = ap.parse_args()
 
     import ray
@@ -72,7 +74,7 @@ def main() -> int:
     from mmgm_ray.pool.driver import run_bytes, split_layout
 
     out = tempfile.mkdtemp(prefix="mmgm-bench-pool-")
-    cfg = make_cfg(out, "bench", args.chains, args.steps, args.actors, args.dim)
+    cfg = make_cfg(out, "bench", args.chains, args.steps, args.actors, args.dim, args.checkpoint_every)
     blocks = chain_blocks(args.chains, cfg.sampler.block_size)
     layout = split_layout(len(blocks), args.actors)
 
@@ -87,7 +89,7 @@ def main() -> int:
     try:
         res = {}
         for label, skip_store in (("pool_nostore", True), ("pool_store", False)):
-            c = make_cfg(out, label, args.chains, args.steps, args.actors, args.dim)
+            c = make_cfg(out, label, args.chains, args.steps, args.actors, args.dim, args.checkpoint_every)
             # the baseline's actors run their chains and discard the jumps (mmgm_ray.faults)
             os.environ[faults.ENV] = json.dumps({"actor_skip_store": skip_store})
             t = time.perf_counter()
@@ -104,6 +106,7 @@ def main() -> int:
     pool = res["pool_store"]["steady_rate"]
     result = {
         "chains": args.chains, "steps": args.steps, "actors": args.actors, "dim": args.dim,
+        "checkpoint_every": args.checkpoint_every,
         "bare_same_threads": bare_all, "bare_1thread_x_actors": bare_one * args.actors,
         "pool_store": pool, "pool_nostore": res["pool_nostore"]["steady_rate"],
         "ratio_pool_vs_bare_same_threads": pool / bare_all,
