@@ -8,14 +8,17 @@
 # should bring back every result), so the whole script ends within TOTAL_S seconds (default 500).
 #   OUT=/some/dir bash scripts/gpu-check-all.sh            from the repository root
 # Variables: OUT (default: a new temporary folder), TOTAL_S (500), GPU_CHECK_MIN_S (the speed
-# table's share, 250), PYTHON (python3), PYTEST_ARGS (extra pytest arguments, e.g. -x),
-# GPU_CHECK_ARGS (extra bench/gpu_check.py arguments: "--device cpu --quick" for a dry run on a CPU).
+# table's share, 250), PYTHON (python3 or python, whichever imports torch), PYTEST_ARGS (extra
+# pytest arguments, e.g. -x), GPU_CHECK_ARGS (extra bench/gpu_check.py arguments: "--device cpu
+# --quick" for a dry run on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 TOTAL_S=${TOTAL_S:-500}
 GPU_CHECK_MIN_S=${GPU_CHECK_MIN_S:-250}
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then   # the interpreter that has torch
+  for PYTHON in python3 python; do "$PYTHON" -c 'import torch' 2>/dev/null && break; done
+fi
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 left() { echo $((start + TOTAL_S - $(date +%s))); }
