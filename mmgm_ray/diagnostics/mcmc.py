@@ -63,7 +63,7 @@ _MIN_DRAWS = 4  # arviz-stats returns NaN below 4 draws (before splitting)
 # ---- threads and work memory ------------------------------------------------------------------
 
 _MIN_PARALLEL = 1 << 18  # below this many values a thread costs more than it saves
-_MAX_WORKERS = 64        # sort buckets are numbered in uint8
+_MAX_WORKERS = 64        # an upper bound on the threads of one call
 _CHUNK = 1 << 16         # elements per piece of element-wise work: its arrays stay in L2 cache
 _BASE_F = np.arange(_CHUNK, dtype=np.float64)
 _RFFT_OUT = np.lib.NumpyVersion(np.__version__) >= "2.0.0"  # rfft(out=...): no fresh spectra
@@ -130,7 +130,7 @@ def _chunked(n: int, workers: int, fn: Callable[[int, int], object]) -> list:
 
 
 _SPARE: list[np.ndarray] = []  # draw-sized buffers kept between calls
-_SPARE_MAX = 6                 # what one call holds at once: images, order, narrow keys, distances
+_SPARE_MAX = 6                 # what one call holds at once: two orders, two key pairs, distances
 
 
 def _fresh(n: int) -> np.ndarray:
@@ -277,7 +277,8 @@ def _radix_argsort(keys: np.ndarray, sorted_out: np.ndarray, order_out: np.ndarr
     """Stable argsort of integer keys into the given buffers: torch's CPU sort, which for 1-D
     integer keys is a radix sort (linear; numpy's is a comparison sort). It runs on one thread:
     its OpenMP threads spin at a barrier per pass, which on cores shared with other processes
-    cost 2-3x the one-thread time in our measurements. torch's thread count is restored after."""
+    cost 2-3x the one-thread time in our measurements. torch's thread count is restored after
+    (sorts from several threads take turns, as that count is process-wide)."""
     with _TORCH_LOCK:
         before = torch.get_num_threads()
         if before != 1:
@@ -454,9 +455,9 @@ class _Ranked:
 
     def folded_z(self, scratch: np.ndarray | None = None) -> np.ndarray:
         """z-scores of |x - median| (Vehtari et al. 2021, sec. 4.2): the distances ranked by a
-        second radix sort, in the draws' layout (no gathers through the first order, which cost
-        more than the sort). ``scratch`` (contents lost) may hold the result; use the returned
-        array."""
+        second radix sort, in the draws' layout. Merging the two runs the distances make in the
+        first order measured slower: it reads the draws through that order (random gathers).
+        ``scratch`` (contents lost) may hold the result; use the returned array."""
         n, w, m = self.flat.size, self.workers, self.median()
         out = self._buffer(scratch)
         dist = self.take(n).view(np.float64)
