@@ -12,9 +12,10 @@ first call does), "warm" (as every later call on draws of the same size: every s
 after the first) and cold on one thread. Reported per figure: the best time of each, the median
 over repeats of the per-repeat ratio theirs / ours (>1: we are faster) and the largest relative
 disagreement of the values; also the ratios of CPU time (user + system, all threads), which
-depend less on how much of the machine other processes take. ``summarize`` (every figure of one
-scalar with one sort) is timed against the sum of arviz-stats' separate calls for the same
-figures. The last line printed is one JSON object.
+depend less on how much of the machine other processes take. Our rank sorts (torch's radix sort)
+run on one thread whatever ``--workers``; the threads share the rest. ``summarize`` (every figure
+of one scalar from one sort of the draws and one of their folded values) is timed against the sum
+of arviz-stats' separate calls for the same figures. The last line printed is one JSON object.
 """
 from __future__ import annotations
 

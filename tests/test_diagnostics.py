@@ -344,6 +344,19 @@ def test_rank_normalization_is_bitwise_arviz(arviz_array_stats, workers):
         np.testing.assert_array_equal(r.folded_z(), A._z_fold(v), err_msg=name)
 
 
+
+def test_radix_ranks_use_narrow_keys_or_fall_back_exactly(monkeypatch):
+    # 31-bit bucket keys serve draws of a moderate range; a range widened by outliers (cubed Cauchy
+    # draws) puts most draws in a few buckets, so the 64-bit images are sorted instead. Either way
+    # the order is numpy's stable argsort exactly (ties in position order, as average ranks need).
+    from mmgm_ray.diagnostics import mcmc
+    widths, real = [], mcmc._radix_argsort
+    monkeypatch.setattr(mcmc, "_radix_argsort", lambda k, s, o: (widths.append(8 * k.itemsize), real(k, s, o))[1])
+    for name, v in tricky_vectors(np.random.default_rng(3), 100_000).items():
+        widths.clear()
+        np.testing.assert_array_equal(mcmc._argsort(v, 2)[0], np.argsort(v, kind="stable"), err_msg=name)
+        assert widths == ([32, 64] if name == "heavy-tail" else [32]), (name, widths)
+
 def edge_case(name):
     rng = np.random.default_rng(abs(hash(name)) % 1000)
     noise = rng.standard_normal((4, 100))

@@ -2,20 +2,25 @@
 
 Every function takes draws shaped ``(chains, draws)`` or ``(chains, draws, *dims)``; the trailing
 ``dims`` are independent scalars and the result has shape ``dims`` (a float for 2-D input).
-Pure numpy + scipy. The numbers are those of arviz-stats (``arviz_stats.base.array_stats``) on the
-same data up to round-off, NaN conventions included: draws holding a NaN give NaN R-hat and ESS;
-R-hat needs 2 chains and ESS / R-hat 4 draws, else NaN.
+numpy + scipy, and torch's CPU sort. The numbers are those of arviz-stats
+(``arviz_stats.base.array_stats``) on the same data up to round-off, NaN conventions included:
+draws holding a NaN give NaN R-hat and ESS; R-hat needs 2 chains and ESS / R-hat 4 draws, else NaN.
 
-Cost. Rank normalization is one sort of the pooled draws per scalar, done on 64-bit keys that pack
-each value's order-preserving bit pattern with its position (one plain sort instead of an argsort),
-reused for the bulk z-scores, the median, the tail-ESS indicators and the folded (tail) z-scores,
-whose order is a linear-time merge of two runs of the sorted draws. The z-scores are bitwise
-arviz-stats' (``rankdata`` average ranks, then ``ndtri``). Sorting, scattering and the
-chain-batched FFT autocovariance run in ``workers`` threads (numpy and scipy release the GIL);
-every reduction is cut into pieces of fixed size and combined in a fixed order, so results do not
-depend on the thread count. Element-wise work goes in cache-sized pieces whose temporaries live
-in per-thread work arrays: fresh draw-sized temporaries cost page faults. :func:`summarize` gives
-every figure of one scalar with one sort: the unit of work of a distributed reduction.
+Cost. Rank normalization is one linear-time radix sort of the pooled draws per scalar (torch's
+stable CPU sort of integer keys; numpy's sorts compare, in O(N log N)), on 31-bit keys that cut
+the draws' range into equal buckets: the few draws sharing a bucket are then put in exact order,
+and a range widened by outliers falls back to sorting the draws' 64-bit order-preserving images.
+The order gives the bulk z-scores, the median and the tail-ESS indicators; the folded (tail)
+z-scores are a second radix rank of |x - median|. The z-scores are bitwise arviz-stats'
+(``rankdata`` average ranks, then ``ndtri``), their table cached across scalars. At 10^4 chains
+x 10^3 draws the two sorts are most of R-hat's time and the FFT autocovariance a fifth of bulk
+ESS's. The sort runs on one thread (see :func:`_radix_argsort`); the key making, scatters and the
+chain-batched FFT run in ``workers`` threads (numpy and scipy release the GIL); every reduction
+is cut into pieces of fixed size and combined in a fixed order, so results do not depend on the
+thread count. Element-wise work goes in cache-sized pieces whose temporaries live in per-thread
+work arrays, and draw-sized buffers are pooled between calls: fresh memory costs page faults.
+:func:`summarize` gives every figure of one scalar with one sort (two with the folded ones): the
+unit of work of a distributed reduction.
 
 References
 ----------
@@ -43,6 +48,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import scipy.fft
+import torch
 from scipy.special import ndtri
 
 __all__ = [
@@ -57,9 +63,8 @@ _MIN_DRAWS = 4  # arviz-stats returns NaN below 4 draws (before splitting)
 # ---- threads and work memory ------------------------------------------------------------------
 
 _MIN_PARALLEL = 1 << 18  # below this many values a thread costs more than it saves
-_MAX_WORKERS = 64        # sort buckets are numbered in uint8
+_MAX_WORKERS = 64        # an upper bound on the threads of one call
 _CHUNK = 1 << 16         # elements per piece of element-wise work: its arrays stay in L2 cache
-_BASE_U = np.arange(_CHUNK, dtype=np.uint64)
 _BASE_F = np.arange(_CHUNK, dtype=np.float64)
 _RFFT_OUT = np.lib.NumpyVersion(np.__version__) >= "2.0.0"  # rfft(out=...): no fresh spectra
 _THREAD_PREFIX = "mmgm-mcmc"
@@ -125,7 +130,7 @@ def _chunked(n: int, workers: int, fn: Callable[[int, int], object]) -> list:
 
 
 _SPARE: list[np.ndarray] = []  # draw-sized buffers kept between calls
-_SPARE_MAX = 3                 # what one call holds at once: order, z-scores, merged fold keys
+_SPARE_MAX = 6                 # what one call holds at once: two orders, two key pairs, distances
 
 
 def _fresh(n: int) -> np.ndarray:
@@ -216,10 +221,13 @@ def split_chains(x) -> np.ndarray:
     return np.concatenate([a[:, :half], a[:, n - half:]], axis=0)
 
 
-# ---- exact ranks from one sort of packed keys ----------------------------------------------
+# ---- exact ranks from one radix sort ------------------------------------------------------------
 
-_SIGN = np.uint64(1 << 63)
-_MAX_INDEX_BITS = 36  # keeps >= 28 value bits (sign, exponent, 16 mantissa bits) in the key
+_FLIP = np.int64(0x7FFF_FFFF_FFFF_FFFF)
+_KEY_MAX = 2 ** 31 - 1  # radix keys are int32: half the bytes of int64 ones to move per pass
+_MAX_SHARED = 8       # above size / this distinct draws sharing a key, sort the full images
+_MAX_RADIX = 2 ** 31 - 1  # torch's radix sort counts in int
+_TORCH_LOCK = threading.Lock()
 
 
 def _runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -243,101 +251,58 @@ def _expand(first: np.ndarray, last: np.ndarray) -> np.ndarray:
     return starts + np.arange(lengths.sum())
 
 
-def _encode(v: np.ndarray, key: np.ndarray, bits: int, lo: int) -> None:
-    """key = the order-preserving uint64 image of v (-0.0 and +0.0 alike) with its low ``bits``
-    replaced by the positions lo, lo+1, ...: distinct keys in v's order, except that values
-    sharing the kept prefix come in position order (fixed afterwards by :func:`_resolve`)."""
-    np.add(v, 0.0, out=key.view(np.float64))      # -0.0 + 0.0 = +0.0: equal values, equal bits
-    tmp = _work("encode", key.size, np.uint64)
-    np.right_shift(key.view(np.int64), 63, out=tmp.view(np.int64))
-    tmp |= _SIGN
-    key ^= tmp                                      # negative: all bits flipped; else sign bit set
-    key >>= np.uint64(bits)
-    key <<= np.uint64(bits)
-    key |= np.add(_BASE_U[:key.size], np.uint64(lo), out=tmp)
+def _image(v: np.ndarray, out: np.ndarray) -> None:
+    """out (int64) = the order-preserving image of v: signed integer order is v's order, -0.0 and
+    +0.0 alike (negative doubles get their 63 low bits flipped)."""
+    np.add(v, 0.0, out=out.view(np.float64))      # -0.0 + 0.0 = +0.0: equal values, equal bits
+    tmp = _work("encode", out.size, np.int64)
+    np.right_shift(out, 63, out=tmp)
+    np.bitwise_and(tmp, _FLIP, out=tmp)
+    np.bitwise_xor(out, tmp, out=out)
 
 
-def _sort_keys(key: np.ndarray, workers: int, take: Callable = _fresh) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sort distinct keys with numpy's vectorized quicksort: (sorted keys, a free buffer or None).
-
-    With threads, the value range is cut at pivots from a fixed sample; each bucket is copied to
-    its final place in a second buffer and sorted there alone (the result does not depend on the
-    cut)."""
-    if workers <= 1:
-        key.sort()
-        return key, None
-    n = key.size
-    sample = np.sort(key[::max(1, n // 8192)])
-    pivots = sample[(np.arange(1, workers) * sample.size) // workers]
-
-    def bucket(lo, hi):  # bucket of each key (uint8) and a work mask
-        b, f = _work("bucket", hi - lo, np.uint8), _work("mask", hi - lo, bool)
-        b.fill(0)
-        for p in pivots:
-            b += np.greater_equal(key[lo:hi], p, out=f)
-        return b, f
-
-    def count(lo, hi):
-        b, f = bucket(lo, hi)
-        return lo, [np.count_nonzero(np.equal(b, j, out=f)) for j in range(workers)]
-
-    counts = dict(_chunked(n, workers, count))
-    los = sorted(counts)
-    table = np.array([counts[lo] for lo in los])                          # (piece, bucket)
-    starts = np.concatenate(([0], np.cumsum(table.sum(axis=0))))
-    slots = dict(zip(los, starts[:-1] + np.cumsum(table, axis=0) - table))  # piece's place per bucket
-    out = take(n)
-
-    def place(lo, hi):
-        b, f = bucket(lo, hi)
-        for j in range(workers):
-            o = slots[lo][j]
-            np.compress(np.equal(b, j, out=f), key[lo:hi], out=out[o:o + counts[lo][j]])
-
-    _chunked(n, workers, place)
-    _parallel(lambda j: out[starts[j]:starts[j + 1]].sort(), range(workers), workers)
-    return out, key
+def _bucket(v: np.ndarray, lo: float, scale: float, out: np.ndarray, clip: bool) -> None:
+    """out (int32) = floor((v - lo) * scale) clipped to [0, _KEY_MAX]: each step is monotone, so
+    the keys never decrease as v grows (equal values, equal keys; -0.0 and +0.0 alike). ``clip``
+    is needed for infinite draws only."""
+    t = _work("bucket", v.size)
+    np.subtract(v, lo, out=t)
+    np.multiply(t, scale, out=t)
+    if clip:  # finite draws land in [0, _KEY_MAX (1 + 2^-51)]: truncated, at most _KEY_MAX
+        np.clip(t, 0.0, _KEY_MAX, out=t)
+    np.copyto(out, t, casting="unsafe")  # truncation is floor for t >= 0
 
 
-def _merge_runs(key: np.ndarray, mid: int, workers: int, take: Callable = _fresh) -> tuple[np.ndarray, np.ndarray]:
-    """Sort distinct keys made of two ascending runs key[:mid], key[mid:]: (sorted keys, the input
-    buffer, now free). Both runs are cut at common pivots into cache-sized parts, each merged by a
-    stable sort (timsort: linear time on two runs) in its final place; the parts go to threads.
-    Small parts keep timsort's merge buffer small too (a fresh half-size buffer per call would cost
-    page faults)."""
-    a, b = key[:mid], key[mid:]
-    parts = max(1, key.size // _CHUNK)
-    pivots = a[(np.arange(1, parts) * a.size) // parts] if a.size else a[:0]
-    ia = np.concatenate(([0], np.searchsorted(a, pivots), [a.size]))
-    ib = np.concatenate(([0], np.searchsorted(b, pivots), [b.size]))
-    out = take(key.size)
-
-    def merge(j):
-        dst = out[ia[j] + ib[j]:ia[j + 1] + ib[j + 1]]
-        np.concatenate((a[ia[j]:ia[j + 1]], b[ib[j]:ib[j + 1]]), out=dst)
-        dst.sort(kind="stable")
-
-    _parallel(merge, range(parts), workers)
-    return out, key
+def _radix_argsort(keys: np.ndarray, sorted_out: np.ndarray, order_out: np.ndarray) -> None:
+    """Stable argsort of integer keys into the given buffers: torch's CPU sort, which for 1-D
+    integer keys is a radix sort (linear; numpy's is a comparison sort). It runs on one thread:
+    its OpenMP threads spin at a barrier per pass, which on cores shared with other processes
+    cost 2-3x the one-thread time in our measurements. torch's thread count is restored after
+    (sorts from several threads take turns, as that count is process-wide)."""
+    with _TORCH_LOCK:
+        before = torch.get_num_threads()
+        if before != 1:
+            torch.set_num_threads(1)
+        try:
+            torch.sort(torch.from_numpy(keys), stable=True,
+                       out=(torch.from_numpy(sorted_out), torch.from_numpy(order_out)))
+        finally:
+            if before != 1:
+                torch.set_num_threads(before)
 
 
-def _resolve(key: np.ndarray, bits: int, value_at: Callable, workers: int) -> tuple[np.ndarray, tuple | None]:
-    """From sorted packed keys: the exact order (argsort; it overwrites ``key``) and the runs of
-    exactly equal values as (first, last) sorted positions, or None without ties.
+def _near(s: np.ndarray, workers: int) -> np.ndarray:
+    """Ascending i with s[i] == s[i+1] (s sorted)."""
+    def near_in(lo, hi):
+        return lo + np.flatnonzero(np.equal(s[lo + 1:hi + 1], s[lo:hi], out=_work("mask", hi - lo, bool)))
 
-    Keys sharing a value prefix are in position order, not value order: those few runs are read
-    through ``value_at(positions)`` and re-sorted where needed. Equal values share a prefix."""
-    mask = np.uint64((1 << bits) - 1)
+    return np.concatenate(_chunked(s.size - 1, workers, near_in) + [np.zeros(0, np.intp)])
 
-    def near_in(lo, hi):  # positions i whose key shares its prefix with key i+1
-        x, f = _work("near", hi - lo, np.uint64), _work("mask", hi - lo, bool)
-        np.bitwise_xor(key[lo + 1:hi + 1], key[lo:hi], out=x)
-        return lo + np.flatnonzero(np.less_equal(x, mask, out=f))
 
-    near = np.concatenate(_chunked(key.size - 1, workers, near_in) + [np.zeros(0, np.intp)])
-    _chunked(key.size, workers, lambda lo, hi: np.bitwise_and(key[lo:hi], mask, out=key[lo:hi]))
-    order = key.view(np.int64)
-    runs = _runs_of(near)
+def _fix_runs(order: np.ndarray, runs: tuple | None, value_at: Callable) -> tuple[np.ndarray, tuple | None]:
+    """``order`` sorts by a key that some values share: those runs (first, last sorted position)
+    are in position order. Re-sort them by value, ties kept in position order (a stable sort's
+    result), and return the order and the runs of exactly equal values (None without ties)."""
     if runs is None:
         return order, None
     pos = _expand(*runs)
@@ -357,30 +322,52 @@ def _resolve(key: np.ndarray, bits: int, value_at: Callable, workers: int) -> tu
 
 
 def _argsort(v: np.ndarray, workers: int = 1, take: Callable = _fresh) -> tuple[np.ndarray, tuple | None, np.ndarray | None]:
-    """Exact argsort of a NaN-free float64 vector, its runs of ties (see :func:`_resolve`) and a
-    free uint64 buffer of the same size when the sort left one (else None). ``take(n)`` gives
-    the uint64 buffers."""
-    bits = max(1, (v.size - 1).bit_length())
-    if bits > _MAX_INDEX_BITS:
+    """Exact stable argsort of a NaN-free float64 vector, its runs of ties (first, last sorted
+    position) and a free uint64 buffer of its size when the sort left one (else None).
+
+    One radix sort of 31-bit keys: the values' range cut into 2^31 equal buckets (monotone
+    rounding keeps the keys in the values' order). Values sharing a bucket (about 1% of 10^7
+    normal draws) are re-sorted by :func:`_fix_runs`; when too many distinct values share one
+    (outliers widen the range), the values' 64-bit order-preserving images are sorted instead.
+    ``take(n)`` gives the buffers."""
+    n = v.size
+    if n > _MAX_RADIX or n < 2:
         order = np.argsort(v, kind="stable")
         s = v[order]
         return order, _runs(s[1:] == s[:-1]), None
-    key = take(v.size)
-    _chunked(v.size, workers, lambda lo, hi: _encode(v[lo:hi], key[lo:hi], bits, lo))
-    key, spare = _sort_keys(key, workers, take)
-    return (*_resolve(key, bits, v.__getitem__, workers), spare)
+    lo, hi = float(v.min()), float(v.max())
+    clip = not math.isfinite(hi - lo)
+    if clip:  # infinite draws go to the end buckets
+        fin = v[np.isfinite(v)]
+        lo, hi = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 0.0)
+    with np.errstate(over="ignore", divide="ignore"):  # a constant or too wide range: one bucket
+        scale = float(np.float64(_KEY_MAX) / np.float64(hi - lo))
+    scale = scale if math.isfinite(scale) else 0.0
+    order, pair = take(n).view(np.int64), take(n)
+    key, s = pair.view(np.int32)[:n], pair.view(np.int32)[n:]  # one buffer, free after the sort
+    _chunked(n, workers, lambda a, b: _bucket(v[a:b], lo, scale, key[a:b], clip))
+    _radix_argsort(key, s, order)
+    near = _near(s, workers)
+    if near.size <= n // _MAX_SHARED or np.count_nonzero(
+            v[order[near]] != v[order[near + 1]]) <= n // _MAX_SHARED:  # few, or ties share keys
+        return (*_fix_runs(order, _runs_of(near), v.__getitem__), pair)
+    img, s = take(n).view(np.int64), take(n).view(np.int64)
+    _chunked(n, workers, lambda a, b: _image(v[a:b], img[a:b]))
+    _radix_argsort(img, s, order)
+    return order, _runs_of(_near(s, workers)), img.view(np.uint64)
 
 
 _Z_CACHE: dict[tuple[int, int], np.ndarray] = {}
 _Z_CACHE_MAX = 1 << 25  # cached scores (256 MB)
 
 
-def _scores_sorted(m: int, size: int, ties: tuple | None, workers: int = 1) -> np.ndarray:
-    """Normal scores of m sorted values: Phi^-1((rank - 3/8) / (size + 1/4)) (Blom 1958; Vehtari et
-    al. 2021, eq. 14), ties sharing their average rank; ``size`` > m when NaNs were left out (as
-    arviz-stats, whose ranks skip NaN but whose denominator counts every draw). Read-only."""
+def _scores_table(m: int, size: int, workers: int = 1) -> np.ndarray:
+    """Normal scores of ranks 1..m: Phi^-1((rank - 3/8) / (size + 1/4)) (Blom 1958; Vehtari et al.
+    2021, eq. 14); ``size`` > m when NaNs were left out (as arviz-stats, whose ranks skip NaN but
+    whose denominator counts every draw). Read-only, cached: without ties the scores depend on
+    (m, size) only, so every scalar of a run shares them."""
     z = _Z_CACHE.get((m, size))
-    if z is None:  # without ties the scores depend on (m, size) only: reuse them across scalars
+    if z is None:
         z = np.empty(m)
 
         def fill(lo, hi):  # rank - 3/8 = k + lo + 5/8 exactly: the same doubles as arviz-stats'
@@ -392,22 +379,35 @@ def _scores_sorted(m: int, size: int, ties: tuple | None, workers: int = 1) -> n
         if sum(a.size for a in _Z_CACHE.values()) + m > _Z_CACHE_MAX:
             _Z_CACHE.clear()
         _Z_CACHE[(m, size)] = z
+    return z
+
+
+def _tie_scores(ties: tuple, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted positions, scores) of the tied values: each run of ties shares its average rank
+    (scipy's ``rankdata(method="average")``); few for continuous draws."""
+    first, last = ties
+    lengths = last - first + 1
+    return _expand(first, last), np.repeat(ndtri(((first + last + 2) * 0.5 - 0.375) / (size + 0.25)), lengths)
+
+
+def _scores_sorted(m: int, size: int, ties: tuple | None, workers: int = 1) -> np.ndarray:
+    """:func:`_scores_table` with the ties' average-rank scores in place (a copy when ties)."""
+    z = _scores_table(m, size, workers)
     if ties is None:
         return z
-    first, last = ties  # only the tied positions change (few for continuous draws)
-    lengths = last - first + 1
+    pos, val = _tie_scores(ties, size)
     z = z.copy()
-    z[_expand(first, last)] = np.repeat(ndtri(((first + last + 2) * 0.5 - 0.375) / (size + 0.25)), lengths)
+    z[pos] = val
     return z
 
 
 class _Ranked:
-    """One scalar's pooled draws (NaN-free), sorted once; gives z-scores, folded z-scores and the
-    median. Sorted values are read through the order where needed, never gathered whole."""
+    """One scalar's pooled draws (NaN-free), sorted once; gives z-scores, the median and counts
+    below a value from that order, and the folded z-scores. Sorted values are read through the
+    order where needed, never gathered whole."""
 
     def __init__(self, flat: np.ndarray, workers: int = 1, take: Callable = _fresh):
         self.flat, self.workers, self.take = flat, workers, take
-        # the one O(N log N) step; everything else reuses it
         self.order, self.ties, self._spare = _argsort(flat, workers, take)
 
     def _buffer(self, scratch: np.ndarray | None) -> np.ndarray:
@@ -420,14 +420,22 @@ class _Ranked:
             return buf
         return self.take(self.flat.size).view(np.float64)
 
+    @property
+    def constant(self) -> bool:
+        """Whether all draws are equal (one run of ties), so that their z-scores are too."""
+        return self.ties is not None and self.ties[0][0] == 0 and self.ties[1][0] == self.flat.size - 1
+
     def value_at(self, pos) -> np.ndarray:
         return self.flat[self.order[pos]]
 
     def z(self, scratch: np.ndarray | None = None) -> np.ndarray:
         """Rank-normalized draws, in the draws' layout (written into ``scratch`` when given)."""
         out, w = self._buffer(scratch), self.workers
-        z = _scores_sorted(out.size, out.size, self.ties, w)
+        z = _scores_table(out.size, out.size, w)
         _chunked(out.size, w, lambda lo, hi: out.__setitem__(self.order[lo:hi], z[lo:hi]))
+        if self.ties is not None:  # patched in place: a copy of the table would cost more
+            pos, val = _tie_scores(self.ties, out.size)
+            out[self.order[pos]] = val
         return out
 
     def median(self) -> float:
@@ -446,53 +454,18 @@ class _Ranked:
         return lo
 
     def folded_z(self, scratch: np.ndarray | None = None) -> np.ndarray:
-        """z-scores of |x - median| (Vehtari et al. 2021, sec. 4.2), reusing the sort: below and
-        above the median the distances are two ascending runs of the sorted draws, so their order
-        is a merge. ``scratch`` (contents lost) may hold the result; use the returned array."""
+        """z-scores of |x - median| (Vehtari et al. 2021, sec. 4.2): the distances ranked by a
+        second radix sort, in the draws' layout. Merging the two runs the distances make in the
+        first order measured slower: it reads the draws through that order (random gathers).
+        ``scratch`` (contents lost) may hold the result; use the returned array."""
         n, w, m = self.flat.size, self.workers, self.median()
-        i = self.count_below(m)       # distances: positions j < i hold m - s[i-1-j], others s[j] - m
-        if not math.isfinite(m):      # half the draws infinite: inf - inf is NaN
-            dist = np.abs(self.value_at(np.arange(n)) - m)
-            out = self._buffer(scratch)
-            out[self.order] = _z_scores_nan(dist, w)
+        out = self._buffer(scratch)
+        dist = self.take(n).view(np.float64)
+        _chunked(n, w, lambda lo, hi: np.abs(np.subtract(self.flat[lo:hi], m, out=dist[lo:hi]), out=dist[lo:hi]))
+        if not math.isfinite(m):  # half the draws infinite: inf - inf is NaN
+            out[:] = _z_scores_nan(dist, w)
             return out
-
-        def dist_at(j):
-            below = j < i
-            return np.where(below, m - self.value_at(np.where(below, i - 1 - j, 0)),
-                            self.value_at(np.where(below, 0, j)) - m)
-
-        def encode(lo, hi):  # keys of the distances at positions lo..hi-1
-            d, cut = _work("dist", hi - lo), min(max(i - lo, 0), hi - lo)
-            if cut:  # below the median, read backwards: m - s[i-1-j]
-                g = _work("gather", cut)
-                np.take(self.flat, self.order[i - lo - cut:i - lo], out=g, mode="clip")
-                np.subtract(m, g[::-1], out=d[:cut])
-            if cut < hi - lo:
-                np.take(self.flat, self.order[lo + cut:hi], out=d[cut:], mode="clip")
-                np.subtract(d[cut:], m, out=d[cut:])
-            _encode(d, key[lo:hi], bits, lo)
-
-        bits = max(1, (n - 1).bit_length())
-        if bits > _MAX_INDEX_BITS:
-            forder, fties = _argsort(dist_at(np.arange(n)), w)[:2]
-            free = self._buffer(scratch)
-        else:
-            key = self._buffer(scratch).view(np.uint64)
-            _chunked(n, w, encode)
-            key, spare = _merge_runs(key, i, w, self.take)
-            forder, fties = _resolve(key, bits, dist_at, w)
-            free = spare.view(np.float64)
-        zf = _scores_sorted(n, n, fties, w)
-
-        def put(lo, hi):  # distance position j came from sorted position i-1-j (j < i) or j
-            j, p, f = forder[lo:hi], _work("pos", hi - lo, np.int64), _work("mask", hi - lo, bool)
-            np.subtract(i - 1, j, out=p)
-            np.copyto(p, j, where=np.greater_equal(j, i, out=f))
-            free[np.take(self.order, p, out=_work("src", hi - lo, np.int64), mode="clip")] = zf[lo:hi]
-
-        _chunked(n, w, put)
-        return free
+        return _Ranked(dist, w, self.take).z(scratch=out)
 
 
 def _z_scores_nan(v: np.ndarray, workers: int = 1) -> np.ndarray:
@@ -596,10 +569,11 @@ def _geyer_ess(acov: np.ndarray, means: np.ndarray, n: int, relative: bool) -> f
     return (1.0 if relative else total) / tau
 
 
-def _ess_chains(y: np.ndarray, relative: bool = False, workers: int = 1) -> float:
-    """ESS of (C, n) chains as given (no splitting or ranking): arviz-stats' ``_ess``."""
-    if y.max() - y.min() < _RESOLUTION:  # constant draws carry no autocorrelation: ESS = draws
-        return 1.0 if relative else float(y.size)
+def _ess_chains(y: np.ndarray, relative: bool = False, workers: int = 1, constant: bool | None = None) -> float:
+    """ESS of (C, n) chains as given (no splitting or ranking): arviz-stats' ``_ess``.
+    ``constant``: whether the draws are constant, when the caller knows (a pass saved)."""
+    if constant if constant is not None else y.max() - y.min() < _RESOLUTION:
+        return 1.0 if relative else float(y.size)  # constant draws carry no autocorrelation
     acov, means = _mean_acov(y, workers)
     return _geyer_ess(acov, means, y.shape[1], relative)
 
@@ -662,8 +636,8 @@ def _ess_one(y: np.ndarray, method: str, probs, relative: bool, workers: int) ->
         return _ess_chains(sp, relative, workers)
     with _Buffers() as buffers:
         if method == "bulk":
-            z = _Ranked(sp.reshape(-1), workers, buffers.take).z()
-            return _ess_chains(z.reshape(sp.shape), relative, workers)
+            r = _Ranked(sp.reshape(-1), workers, buffers.take)
+            return _ess_chains(r.z().reshape(sp.shape), relative, workers, r.constant)
         qs = np.quantile(y, probs)  # quantiles of all draws (before splitting), as arviz-stats
         buf = buffers.take(y.size).view(np.float64).reshape(y.shape)
         return min(_indicator_ess(y, q, buf, relative, workers) for q in qs)
@@ -737,7 +711,7 @@ SUMMARY_KEYS = ("rhat", "rhat_bulk", "rhat_tail", "rhat_split", "ess_bulk", "ess
 
 
 def _summary_one(y: np.ndarray, probs, workers: int) -> dict:
-    """Every figure of :func:`summarize` for one scalar's (C, n) draws, with one sort."""
+    """Every figure of :func:`summarize` for one scalar's (C, n) draws, with two radix sorts."""
     res = dict.fromkeys(SUMMARY_KEYS, math.nan)
     if not _valid(y, 1):
         return res
@@ -748,11 +722,12 @@ def _summary_one(y: np.ndarray, probs, workers: int) -> dict:
 
 
 def _summary_ranked(y, sp, probs, res: dict, workers: int, take: Callable) -> None:
-    """The figures of :func:`_summary_one` that come from the chains, with one sort."""
+    """The figures of :func:`_summary_one` that come from the chains: one sort of the draws, one
+    of their distances to the median."""
     c, n = y.shape
     r = _Ranked(sp.reshape(-1), workers, take)
     z = r.z().reshape(sp.shape)
-    res["ess_bulk"] = _ess_chains(z, workers=workers)
+    res["ess_bulk"] = _ess_chains(z, workers=workers, constant=r.constant)
     res["ess_mean"] = _ess_chains(sp, workers=workers)
     res["mcse_mean"] = res["sd"] / math.sqrt(res["ess_mean"])
     res["tau"] = c * n / _ess_chains(y, workers=workers)
@@ -775,7 +750,7 @@ def _summary_ranked(y, sp, probs, res: dict, workers: int, take: Callable) -> No
 
 
 def summarize(x, prob: tuple[float, float] = (0.05, 0.95), workers: int | None = None) -> dict:
-    """All the usual diagnostics of each scalar with one sort per scalar.
+    """All the usual diagnostics of each scalar with two sorts per scalar (draws, folded draws).
 
     Returns a dict of floats (2-D input) or arrays shaped ``dims``: ``rhat`` (rank), ``rhat_bulk``,
     ``rhat_tail``, ``rhat_split``, ``ess_bulk``, ``ess_tail``, ``ess_mean``, ``mcse_mean`` (sd /
