@@ -356,3 +356,16 @@ def test_progress_bar_on_a_terminal():
     text = out.getvalue()
     assert "\r" in text and "sampling" in text and "7/7" in text  # tqdm's bar, redrawn in place
     assert "[mmgm]" not in text
+
+
+def test_sample_grids_have_no_ragged_last_row():
+    """64 final jumps tile 8 x 8 (a 12-wide grid left 4 alone on a sixth row); counts with no divisor
+    in [6, 12] fall back to 12 per row, and few images sit in one row. The PNG's size is the tiling's."""
+    from PIL import Image
+
+    from mmgm_ray.report.figures import grid_columns, grid_png
+
+    assert [grid_columns(n) for n in (1, 5, 12, 16, 36, 64, 100, 13)] == [1, 5, 12, 8, 12, 8, 10, 12]
+    png = grid_png(np.zeros((64, 1, 28, 28), dtype=np.float32))
+    w, h = Image.open(io.BytesIO(png)).size
+    assert w == h   # 8 columns x 8 rows of square tiles with equal padding

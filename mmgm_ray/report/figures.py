@@ -55,10 +55,18 @@ def _styled(fn):
     return wrapper
 
 
+def grid_columns(n: int, widest: int = _GRID_COLUMNS) -> int:
+    """Tiles per row for ``n`` images: all of them up to ``widest``, else the widest divisor of ``n``
+    between ``widest // 2`` and ``widest`` (64 -> 8 x 8: no ragged last row), else ``widest``."""
+    if n <= widest:
+        return max(1, n)
+    return next((c for c in range(widest, widest // 2 - 1, -1) if n % c == 0), widest)
+
+
 def grid_png(images: np.ndarray, nrow: Optional[int] = None) -> bytes:
     """PNG tiling ``(n, C, H, W)`` images in [0, 1] (:func:`mmgm_ray.images.make_grid`), ``nrow`` per row."""
     n, _, h, _ = images.shape
-    nrow = nrow or min(n, _GRID_COLUMNS)
+    nrow = nrow or grid_columns(n)
     arr = make_grid(torch.from_numpy(np.ascontiguousarray(images)), nrow=nrow, padding=1,
                     scale=max(1, round(_TILE_PX / h)))
     buf = io.BytesIO()
