@@ -428,8 +428,11 @@ def _wait_refs(refs: list, timeout_s: float, every: float, stream: Optional[IO],
         done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(every, left))
         ray.get(done)  # an actor whose constructor failed raises here, not after the timeout
         if pending:
+            # an actor whose resources are held is not ready until its constructor returns (loading a
+            # model, compiling the score can take a minute on a GPU): say so, or the line reads as a hang
             _progress(stream, f"waiting {time.monotonic() - t0:.0f}/{timeout_s:g} s for {what}: "
-                              f"{len(pending)} of {len(refs)} pending; cluster now {_cluster_now()}; "
+                              f"{len(pending)} of {len(refs)} not ready (waiting for resources, or placed and "
+                              f"still in their constructor); cluster now {_cluster_now()}; "
                               f"autoscaler: {autoscaler_activity()}")
 
 
