@@ -398,9 +398,15 @@ class PoolConfig:
     # on resume, also compare every committed part's CRC-32 with the committed one (reads every part);
     # sizes are always compared
     verify_checksums: bool = False
+    # walk seconds an actor spends at least between two checkpoints: a boundary reached sooner is
+    # passed by (the rows are the same; commits, hence parts, are fewer), so a cheap score does not
+    # pay a commit every few milliseconds; at most as many boundaries as the actor's memory plan can
+    # hold uncommitted rows for (planner: checkpoint_stretch). 0 = commit at every boundary
+    checkpoint_min_interval_s: float = 2.0
 
     def validate(self) -> None:
         check.positive("pool.scale_timeout_s", self.scale_timeout_s)
+        check.at_least("pool.checkpoint_min_interval_s", self.checkpoint_min_interval_s, 0)
         check.positive("pool.stop_timeout_s", self.stop_timeout_s)
         for key in ("num_chains", "num_steps", "num_actors", "checkpoint_every", "queue_size"):
             check.at_least(f"pool.{key}", getattr(self, key), 1)

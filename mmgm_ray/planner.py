@@ -22,6 +22,10 @@ The figures, in bytes (``plan_memory`` computes exactly these; the tests redo th
     gather rows     G = min(MAX_GATHER_ROWS, floor((H - F) / (GATHER_COPIES * R)) - chains): a flush
                         holds the gathered rows, their block-sorted copy and their Arrow conversion
                         (GATHER_COPIES), and the buffer overshoots G by at most one step (chains rows)
+    stretch         K = min(MAX_STRETCH, 1 + floor((H - peak) / (jumps_per_checkpoint * chains * R))):
+                        checkpoint intervals whose rows the writers may hold uncommitted, i.e. the
+                        boundaries an actor may pass by (``pool.checkpoint_min_interval_s``): each
+                        further interval adds one interval's rows to F
 
 A plan that cannot hold the actor's chains with one block per network call, or one step of jumps
 on the host, raises ValueError naming the figures. The micro-batch is a memory bound: a faster
@@ -41,6 +45,7 @@ import torch
 STEP_TENSORS = 7
 GATHER_COPIES = 3
 MAX_GATHER_ROWS = 1 << 18
+MAX_STRETCH = 64                    # checkpoint intervals an actor may run without committing
 ROW_FIXED_BYTES = 4 * 8 + 2 * 4     # chain_id, block_id, step, jump_index (int64); score_norm, kinetic (float32)
 DEFAULT_FRACTION = 0.8              # of the free memory; the rest is headroom (allocator slack, fragmentation)
 _GIB = float(1 << 30)
@@ -65,6 +70,7 @@ class MemoryPlan:
     fixed_host_bytes: int       # F
     gather_rows: int            # G
     host_peak_bytes: int        # F + GATHER_COPIES * (G + chains) * R
+    checkpoint_stretch: int = 1  # K
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -119,9 +125,10 @@ def plan_memory(*, chains: int, block_size: int, state_numel: int, event_numel: 
             f"of which {fixed / _GIB:.2f} GiB are queued or uncommitted rows: use more actors or lower "
             f"pool.queue_size / pool.checkpoint_every")
     peak = fixed + GATHER_COPIES * (gather + chains) * row
+    stretch = min(MAX_STRETCH, 1 + (host_budget - peak) // (jumps_per_checkpoint * chains * row))
     return MemoryPlan(device, chains, block_size, int(device_free), budget, int(weights_bytes), state,
                       int(score_bytes), int(micro), int(max_chains), int(host_free), host_budget, row, fixed,
-                      int(gather), int(peak))
+                      int(gather), int(peak), int(stretch))
 
 
 # ---- measuring what the plan needs ---------------------------------------------------------------

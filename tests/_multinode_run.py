@@ -34,8 +34,10 @@ def gmm_cfg(out: str, name: str):
          "oracle": {"kind": "gmm"}, "data": {"name": "gmm"},
          "sampler": {"block_size": BLOCK, "jump_every": JUMP},
          "store": {"rows_per_file": 700},  # parts roll inside checkpoint intervals too
+         # commits at every boundary: the kills and stops below land between known checkpoints
          "pool": {"num_chains": CHAINS, "num_steps": STEPS, "checkpoint_every": CKPT, "num_actors": 2,
-                  "cpus_per_actor": 1.0, "max_restarts": 3}}
+                  "cpus_per_actor": 1.0, "max_restarts": 3,
+                  "checkpoint_min_interval_s": 0.0}}
     return cpu_dict(d)
 
 

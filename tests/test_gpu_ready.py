@@ -25,7 +25,7 @@ from mmgm_ray.factory import build_score_model
 from mmgm_ray.nets.unet import SelfAttention
 from mmgm_ray.noise import GaussianMNM
 from mmgm_ray.oracles import GMMOracle, _mvn_logpdf
-from mmgm_ray.planner import GATHER_COPIES, MAX_GATHER_ROWS, measure_score_bytes, plan_memory
+from mmgm_ray.planner import GATHER_COPIES, MAX_GATHER_ROWS, MAX_STRETCH, measure_score_bytes, plan_memory
 from mmgm_ray.store import create_run, load_manifest, read_samples, sync_manifest_from_checkpoints
 from mmgm_ray.train.loop import resolve_device as train_device
 from mmgm_ray.train.loop import train_local
@@ -485,6 +485,15 @@ def test_memory_plan_for_cifar_matches_the_hand_calculation():
                       score_bytes=2_000_000, weights_bytes=100_000_000, device="cuda", device_free=40 * GiB,
                       host_free=64 * GiB, queue_size=8, jumps_per_checkpoint=10)
     assert big.micro_batch == 4096 and big.gather_rows == MAX_GATHER_ROWS
+    # checkpoint stretch: intervals of uncommitted rows (10 * 4096 * 12328 = 504,954,880 B each) that
+    # fit beside the peak. p's gather buffer took the whole budget (12,300 B spare): every boundary
+    # commits; 16 GiB: 1 + (13,743,895,347 - 10,755,538,944) // 504,954,880 = 6; 64 GiB: 88, capped
+    assert p.checkpoint_stretch == 1 and big.checkpoint_stretch == MAX_STRETCH == 64
+    mid = plan_memory(chains=4096, block_size=256, state_numel=d, event_numel=d, noise_draws=1,
+                      score_bytes=2_000_000, weights_bytes=100_000_000, device="cuda", device_free=40 * GiB,
+                      host_free=16 * GiB, queue_size=8, jumps_per_checkpoint=10)
+    assert mid.host_peak_bytes == 908_918_784 + 3 * (MAX_GATHER_ROWS + 4096) * 12_328 == 10_755_538_944
+    assert mid.checkpoint_stretch == 6
     with pytest.raises(ValueError, match="use more actors"):
         plan_memory(chains=60_000, block_size=256, state_numel=d, event_numel=d, noise_draws=1,
                     score_bytes=2_000_000, weights_bytes=100_000_000, device="cuda", device_free=8 * GiB,

@@ -37,8 +37,10 @@ def gmm_cfg(out, name, **pool) -> RunConfig:
          "oracle": {"kind": "gmm"}, "data": {"name": "gmm"},
          "sampler": {"block_size": 128, "jump_every": JUMP},
          "store": {"rows_per_file": 700},  # parts roll inside checkpoint intervals too
+         # commits at every boundary: the kills and stops below land between known checkpoints
          "pool": {"num_chains": CHAINS, "num_steps": STEPS, "checkpoint_every": CKPT, "num_actors": 2,
-                  "cpus_per_actor": 1.0, "max_restarts": 3, **pool}}
+                  "cpus_per_actor": 1.0, "max_restarts": 3,
+                  "checkpoint_min_interval_s": 0.0, **pool}}
     return cpu_dict(d)
 
 
@@ -322,6 +324,67 @@ def test_block_size_does_not_change_the_rows(tmp_path):
     (meta_a, data_a), (meta_b, data_b) = stored
     assert meta_a.num_rows == 128 * 40 // JUMP
     assert meta_a.equals(meta_b) and data_a == data_b
+
+
+def _commit_steps(cfg, root, name, stretch=None, stop=None) -> tuple[list[int], str]:
+    """Advance one in-process actor chunk by chunk; return the step each call returned at (each
+    right after a checkpoint) and the run's url. ``stretch`` overrides the memory plan's;
+    ``stop(actor)`` arms a stop request (then one call)."""
+    import dataclasses
+
+    from mmgm_ray.pool import ChainActor
+
+    store = create_run(str(root), name, event_shape=(2,), config=cfg)
+    blocks = chain_blocks(cfg.pool.num_chains, cfg.sampler.block_size)
+    actor = ChainActor(cfg, str(root), name, blocks)
+    if stretch is not None:
+        actor.memory_plan = dataclasses.replace(actor.memory_plan, checkpoint_stretch=stretch)
+    if stop is not None:
+        stop(actor)
+    returned, done = [], False
+    while not done:
+        r = actor.advance(CKPT)
+        returned.append(r["step"])
+        done = r["done"] or stop is not None
+    actor.commit()
+    actor.close()
+    assert {b: store.checkpoint_steps(b) for b in blocks} == {b: [returned[-1]] for b in blocks}
+    sync_manifest_from_checkpoints(store, blocks)
+    return returned, store.url
+
+
+def test_min_interval_passes_boundaries_by_and_keeps_the_rows(tmp_path):
+    """``pool.checkpoint_min_interval_s``: a cheap oracle reaches a boundary every few milliseconds.
+    With an hour's minimum the actor commits only at the end of the run (one part per block instead
+    of one per interval); with 0 at every boundary; with the memory plan's stretch at 3 at every
+    third one (the end of the run always commits). The rows are the same bitwise in all three."""
+    runs = {}
+    for name, interval, stretch in (("every", 0.0, None), ("hour", 3600.0, 64), ("stretch3", 3600.0, 3)):
+        cfg = gmm_cfg(tmp_path, name, num_chains=128, num_steps=100, checkpoint_min_interval_s=interval)
+        cfg.sampler.block_size = 64
+        cfg.store.rows_per_file = 10_000      # parts roll only at commits
+        runs[name] = _commit_steps(cfg, tmp_path, name, stretch)
+    assert runs["every"][0] == [20, 40, 60, 80, 100]
+    assert runs["hour"][0] == [100]
+    assert runs["stretch3"][0] == [60, 100]
+    assert [len(load_manifest(url)["blocks"]["0"]["files"]) for _, url in runs.values()] == [5, 1, 2]
+    ref = rows(runs["every"][1])
+    for _, url in runs.values():
+        assert_same_rows(url, ref)
+        assert_exactly_once(rows(url)[0], chains=128, steps=100)
+
+
+def test_min_interval_never_delays_a_stop(tmp_path, monkeypatch):
+    """A stop request (Ctrl-C of the driver) at walk step 7 commits at the next boundary (20),
+    however long the minimum interval."""
+    import mmgm_ray.pool.actor as actor_mod
+
+    def stop_at_step_7(actor):
+        monkeypatch.setattr(actor_mod.faults, "after_walk_step", lambda step: step == 7 and actor.request_stop())
+
+    cfg = gmm_cfg(tmp_path, "stop", num_chains=128, num_steps=100, checkpoint_min_interval_s=3600.0)
+    cfg.sampler.block_size = 64
+    assert _commit_steps(cfg, tmp_path, "stop", stretch=64, stop=stop_at_step_7)[0] == [CKPT]
 
 
 # ---- a diverging chain is isolated and reported -----------------------------------------------------

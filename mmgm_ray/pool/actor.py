@@ -389,6 +389,9 @@ class ChainActor:
         step, states = self.sink.resume()
         self._use_fast_path(model, step, states)
         self.start_step = self._restore(step, states)
+        self.min_interval_s = float(pool.checkpoint_min_interval_s)
+        self._commit_step = self.start_step   # step of the latest checkpoint submitted (or restored)
+        self._walk_s = 0.0                    # walk seconds since then
         self.restarted = _was_reconstructed()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one advance() at a time even with max_concurrency > 1
@@ -484,10 +487,22 @@ class ChainActor:
             if boundary:
                 return
 
+    def _commit_due(self) -> bool:
+        """At a boundary: checkpoint now, or walk on (``pool.checkpoint_min_interval_s``)? Now at the
+        end of the run, after a stop request, once the walk since the last checkpoint took the minimum
+        interval, or once the writers hold as many intervals of uncommitted rows as the memory plan
+        allows (``MemoryPlan.checkpoint_stretch``)."""
+        e = self.engine
+        if e.step >= self.num_steps or self._stop.is_set() or self._walk_s >= self.min_interval_s:
+            return True
+        intervals = -(-(e.step - self._commit_step) // self.checkpoint_every)
+        return intervals >= self.memory_plan.checkpoint_stretch
+
     def _submit_checkpoint(self) -> None:
         status = "done" if self.engine.step >= self.num_steps else "running"
         states = {b: self.engine.state_dict([b]) for b in self.block_ids}
         self.writer.put(Checkpoint(states, self.engine.step, status))
+        self._commit_step, self._walk_s = self.engine.step, 0.0
 
     # ---- remote methods --------------------------------------------------------------------------
 
@@ -499,6 +514,9 @@ class ChainActor:
     def advance(self, chunk_steps: int) -> dict:
         """Run to the next multiple of ``chunk_steps`` (or ``num_steps``), checkpointing every
         ``checkpoint_every`` steps and at the end; return progress and committed manifest entries.
+        A boundary reached within ``checkpoint_min_interval_s`` of walking is passed by (``_commit_due``);
+        a chunk whose end is passed by runs on to the next multiple, so every call returns right
+        after a checkpoint.
 
         The last checkpoint of a chunk is committed in the background (the device keeps going);
         when the run is done or a stop was requested, the call returns only after it is committed.
@@ -509,11 +527,16 @@ class ChainActor:
         with self._lock:
             e = self.engine
             start = e.step
-            target = min((e.step // int(chunk_steps) + 1) * int(chunk_steps), self.num_steps)
+            target = self._chunk_end(chunk_steps)
             t0, c0 = time.perf_counter(), time.process_time()
             while e.step < target and not self._stop.is_set():
+                t = time.perf_counter()
                 self._walk_to_boundary(target)
-                self._submit_checkpoint()
+                self._walk_s += time.perf_counter() - t
+                if self._commit_due():
+                    self._submit_checkpoint()
+                elif e.step == target:
+                    target = self._chunk_end(chunk_steps)
             if e.step >= self.num_steps or self._stop.is_set():
                 self.writer.drain()   # everything up to the last checkpoint is committed
             else:
@@ -523,6 +546,9 @@ class ChainActor:
             self.compute_s += time.perf_counter() - t0
             self.cpu_s += time.process_time() - c0   # whole process: engine + writer thread
             return self._progress(start)
+
+    def _chunk_end(self, chunk_steps: int) -> int:
+        return min((self.engine.step // int(chunk_steps) + 1) * int(chunk_steps), self.num_steps)
 
     def _progress(self, start: int) -> dict:
         e = self.engine
