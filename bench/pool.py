@@ -1,6 +1,6 @@
 """Benchmark: chain-steps/s of the Ray chain pool (2 actors, store on) against the bare engine.
 
-    /work/venv/bin/python bench/pool.py [--chains 10240] [--steps 600] [--actors 2]
+    python bench/pool.py [--chains 10240] [--steps 3000] [--actors 2] [--min-interval-s 2]
 
 Fair comparison on a machine with C cores: the pool gets ``--actors`` actors of 1 CPU each (one
 torch thread each); the bare engine runs the SAME chains in one process with the SAME total number
@@ -11,6 +11,9 @@ i.e. without actor start-up); start-up is in the end-to-end wall time. Because w
 shared 2-core machine swing with other load, the CPU cost is also reported: CPU seconds per 1e6
 chain-steps (``time.process_time``: the bare engine process vs. the actor processes, whose count
 includes the writer thread and Ray's own threads), which other processes cannot inflate.
+The actors commit as a run does by default (``pool.checkpoint_min_interval_s``: at most every 2 s of
+walking); ``--min-interval-s 0`` commits at every ``--checkpoint-every`` boundary, the cost a cheap
+score used to pay. Neither side warms up: both count their first steps.
 The last line printed is one JSON object.
 """
 from __future__ import annotations
@@ -26,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def make_cfg(out: str, name: str, chains: int, steps: int, actors: int, dim: int = 2, checkpoint_every: int = 100):
+def make_cfg(out: str, name: str, chains: int, steps: int, actors: int, dim: int = 2, checkpoint_every: int = 100,
+             min_interval_s: float = 2.0):
     from mmgm_ray.config import RunConfig, from_dict
     return from_dict(RunConfig, {
         "name": name, "output": out, "seed": 0, "noise": {"sigma": 1.0, "M": 4},
@@ -34,7 +38,7 @@ def make_cfg(out: str, name: str, chains: int, steps: int, actors: int, dim: int
         "sampler": {"block_size": 256, "jump_every": 10},
         "store": {"sample_dtype": "float32"},
         "pool": {"num_chains": chains, "num_steps": steps, "num_actors": actors, "cpus_per_actor": 1.0,
-                 "checkpoint_every": checkpoint_every}})
+                 "checkpoint_every": checkpoint_every, "checkpoint_min_interval_s": min_interval_s}})
 
 
 def bare_rate(cfg, blocks, threads: int, steps: int) -> tuple[float, float]:
@@ -48,7 +52,7 @@ def bare_rate(cfg, blocks, threads: int, steps: int) -> tuple[float, float]:
     model, shape, _ = load_sampling_model(cfg, "cpu")
     eng = WalkJumpEngine(model, cfg.sampler, shape, cfg.seed, blocks)
     eng.initialize()
-    list(eng.run(10))  # warm-up
+    # no warm-up: the actors' CPU seconds count their first steps too
     t, c = time.perf_counter(), time.process_time()
     for jb in eng.run(steps):
         jb.xhat.cpu()
@@ -57,13 +61,17 @@ def bare_rate(cfg, blocks, threads: int, steps: int) -> tuple[float, float]:
 
 
 def main() -> int:
+    from mmgm_ray.config import PoolConfig  # here: ROOT is on sys.path only once the module runs
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chains", type=int, default=10240)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=3000, help="long enough for several commits per actor")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--dim", type=int, default=2, help="GMM dimension (bigger = costlier score per step)")
     ap.add_argument("--checkpoint-every", type=int, default=100,
                     help="walk steps between block checkpoints: the store's cost is ~fixed per (block, checkpoint)")
+    ap.add_argument("--min-interval-s", type=float, default=PoolConfig().checkpoint_min_interval_s,
+                    help="pool.checkpoint_min_interval_s (0: commit at every --checkpoint-every boundary)")
     args = ap.parse_args()
 
     import ray
@@ -72,9 +80,11 @@ def main() -> int:
     from mmgm_ray.engine import chain_blocks
     from mmgm_ray.pool import run_pool
     from mmgm_ray.pool.driver import run_bytes, split_layout
+    from mmgm_ray.store import load_manifest
 
     out = tempfile.mkdtemp(prefix="mmgm-bench-pool-")
-    cfg = make_cfg(out, "bench", args.chains, args.steps, args.actors, args.dim, args.checkpoint_every)
+    cfg = make_cfg(out, "bench", args.chains, args.steps, args.actors, args.dim, args.checkpoint_every,
+                   args.min_interval_s)
     blocks = chain_blocks(args.chains, cfg.sampler.block_size)
     layout = split_layout(len(blocks), args.actors)
 
@@ -89,7 +99,8 @@ def main() -> int:
     try:
         res = {}
         for label, skip_store in (("pool_nostore", True), ("pool_store", False)):
-            c = make_cfg(out, label, args.chains, args.steps, args.actors, args.dim, args.checkpoint_every)
+            c = make_cfg(out, label, args.chains, args.steps, args.actors, args.dim, args.checkpoint_every,
+                         args.min_interval_s)
             # the baseline's actors run their chains and discard the jumps (mmgm_ray.faults)
             os.environ[faults.ENV] = json.dumps({"actor_skip_store": skip_store})
             t = time.perf_counter()
@@ -100,13 +111,15 @@ def main() -> int:
             print(f"{label}: steady {s['chain_steps_per_s']:,.0f} chain-steps/s, end-to-end {wall:.1f}s "
                   f"(incl. actor start-up), writer back-pressure {s['queue_wait_s']:.2f}s")
         nbytes = run_bytes(f"{out}/pool_store")
+        # a block's parts: one per commit, plus one per 65,536 rows (store.rows_per_file)
+        parts = len(load_manifest(f"{out}/pool_store")["blocks"]["0"]["files"])
         steady_s = args.chains * args.steps / res["pool_store"]["steady_rate"]
     finally:
         ray.shutdown()
     pool = res["pool_store"]["steady_rate"]
     result = {
         "chains": args.chains, "steps": args.steps, "actors": args.actors, "dim": args.dim,
-        "checkpoint_every": args.checkpoint_every,
+        "checkpoint_every": args.checkpoint_every, "min_interval_s": args.min_interval_s, "parts_per_block": parts,
         "bare_same_threads": bare_all, "bare_1thread_x_actors": bare_one * args.actors,
         "pool_store": pool, "pool_nostore": res["pool_nostore"]["steady_rate"],
         "ratio_pool_vs_bare_same_threads": pool / bare_all,
@@ -118,6 +131,7 @@ def main() -> int:
         "bytes_written": nbytes, "bytes_per_s": nbytes / steady_s, "rows": res["pool_store"]["rows"],
         "pool_wall_s": res["pool_store"]["wall_s"], "queue_wait_s": res["pool_store"]["queue_wait_s"],
     }
+    print(f"{parts} parts per block (checkpoint_every {args.checkpoint_every}, min interval {args.min_interval_s:g} s)")
     print(f"pool/bare(same threads) = {result['ratio_pool_vs_bare_same_threads']:.3f}; "
           f"pool/linear = {result['ratio_pool_vs_linear']:.3f}; store on/off = {result['ratio_store_vs_nostore']:.3f}; "
           f"{result['bytes_per_s'] / 1e6:.2f} MB/s written")

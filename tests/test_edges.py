@@ -40,13 +40,14 @@ CHAINS, STEPS, JUMP, CKPT = 256, 40, 5, 10
 
 
 def small(out, name, **pool) -> dict:
-    """A small oracle run: 2 blocks of 128 chains on 2 actors; parts roll inside checkpoint intervals."""
+    """A small oracle run: 2 blocks of 128 chains on 2 actors; parts roll inside checkpoint intervals,
+    and every boundary commits (the damage and resume cases need several commits in a short run)."""
     return {"name": name, "output": str(out), "seed": 11, "noise": {"sigma": 1.0, "M": 4},
             "oracle": {"kind": "gmm"}, "data": {"name": "gmm"},
             "sampler": {"block_size": 128, "jump_every": JUMP},
             "store": {"rows_per_file": 100},
             "pool": {"num_chains": CHAINS, "num_steps": STEPS, "checkpoint_every": CKPT, "num_actors": 2,
-                     "cpus_per_actor": 1.0, "max_restarts": 3, **pool}}
+                     "cpus_per_actor": 1.0, "max_restarts": 3, "checkpoint_min_interval_s": 0.0, **pool}}
 
 
 def cfg_of(d: dict) -> RunConfig:

@@ -313,7 +313,9 @@ def test_restarted_actor_reuses_the_recorded_options(tmp_path, monkeypatch):
         "output": str(tmp_path), "seed": 5, "noise": {"sigma": 1.0, "M": 4},
         "oracle": {"kind": "gmm"}, "data": {"name": "gmm"},
         "sampler": {"block_size": 64, "jump_every": 5, "fast": "on", "compile": "off", "autocast": "bfloat16"},
-        "pool": {"num_chains": 192, "num_steps": 40, "checkpoint_every": 10, "num_actors": 1}})
+        # every boundary commits: the restart below resumes from step 20
+        "pool": {"num_chains": 192, "num_steps": 40, "checkpoint_every": 10, "num_actors": 1,
+                 "checkpoint_min_interval_s": 0.0}})
     blocks = chain_blocks(192, 64)
     measured = {"mb": 64}
     monkeypatch.setattr(fastpath, "measure_micro_batch", lambda *a, **k: (measured["mb"], 1e6))

@@ -45,10 +45,12 @@ def one_thread():
 
 
 def gmm_run(out, name: str, **pool) -> dict:
+    """A small oracle run that commits at every boundary (the resume cases count on it)."""
     return {"name": name, "output": str(out), "seed": 5, "noise": {"sigma": 1.0, "M": 4},
             "oracle": {"kind": "gmm"}, "data": {"name": "gmm"}, "sampler": {"block_size": 32, "jump_every": 5},
             "store": {"rows_per_file": 300},
-            "pool": {"num_chains": 96, "num_steps": 20, "checkpoint_every": 10, "num_actors": 2, **pool}}
+            "pool": {"num_chains": 96, "num_steps": 20, "checkpoint_every": 10, "num_actors": 2,
+                     "checkpoint_min_interval_s": 0.0, **pool}}
 
 
 # ---- 2. every test pins its device ------------------------------------------------------------------

@@ -165,7 +165,7 @@ def jumps_to_table(batch, schema: pa.Schema) -> pa.Table:
     values = pa.array(q.reshape(-1), type=SAMPLE_DTYPES[dtype])
     sample = pa.FixedSizeListArray.from_arrays(values, size)
     cols = {
-        "run_id": pa.array([info["run_id"]] * n, pa.string()),
+        "run_id": pa.repeat(pa.scalar(info["run_id"], pa.string()), n),
         "chain_id": pa.array(chain, pa.int64()),
         "block_id": pa.array(batch.block_id.detach().cpu().numpy().astype(np.int64, copy=False), pa.int64()),
         "step": pa.array(step, pa.int64()),
@@ -184,7 +184,7 @@ def divergences_to_table(events: Sequence, schema: pa.Schema) -> pa.Table:
     n = len(events)
     nan = np.full(n, np.nan, dtype=np.float32)
     cols = {
-        "run_id": pa.array([info["run_id"]] * n, pa.string()),
+        "run_id": pa.repeat(pa.scalar(info["run_id"], pa.string()), n),
         "chain_id": pa.array([int(e.chain_id) for e in events], pa.int64()),
         "block_id": pa.array([int(e.block_id) for e in events], pa.int64()),
         "step": pa.array([int(e.step) for e in events], pa.int64()),
