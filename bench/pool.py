@@ -1,6 +1,6 @@
 """Benchmark: chain-steps/s of the Ray chain pool (2 actors, store on) against the bare engine.
 
-    python bench/pool.py [--chains 10240] [--steps 3000] [--actors 2] [--min-interval-s 2]
+    python bench/pool.py [--chains 10240] [--steps 6000] [--actors 2] [--min-interval-s 10]
 
 Fair comparison on a machine with C cores: the pool gets ``--actors`` actors of 1 CPU each (one
 torch thread each); the bare engine runs the SAME chains in one process with the SAME total number
@@ -11,7 +11,7 @@ i.e. without actor start-up); start-up is in the end-to-end wall time. Because w
 shared 2-core machine swing with other load, the CPU cost is also reported: CPU seconds per 1e6
 chain-steps (``time.process_time``: the bare engine process vs. the actor processes, whose count
 includes the writer thread and Ray's own threads), which other processes cannot inflate.
-The actors commit as a run does by default (``pool.checkpoint_min_interval_s``: at most every 2 s of
+The actors commit as a run does by default (``pool.checkpoint_min_interval_s``: at most every 10 s of
 walking); ``--min-interval-s 0`` commits at every ``--checkpoint-every`` boundary, the cost a cheap
 score used to pay. Neither side warms up: both count their first steps.
 The last line printed is one JSON object.
@@ -65,7 +65,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chains", type=int, default=10240)
-    ap.add_argument("--steps", type=int, default=3000, help="long enough for several commits per actor")
+    ap.add_argument("--steps", type=int, default=6000, help="~20 s per actor: a few commits at the default interval")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--dim", type=int, default=2, help="GMM dimension (bigger = costlier score per step)")
     ap.add_argument("--checkpoint-every", type=int, default=100,

@@ -400,9 +400,10 @@ class PoolConfig:
     verify_checksums: bool = False
     # walk seconds an actor spends at least between two checkpoints: a boundary reached sooner is
     # passed by (the rows are the same; commits, hence parts, are fewer), so a cheap score does not
-    # pay a commit every few milliseconds; at most as many boundaries as the actor's memory plan can
-    # hold uncommitted rows for (planner: checkpoint_stretch). 0 = commit at every boundary
-    checkpoint_min_interval_s: float = 2.0
+    # pay a commit, i.e. two files per block (two PUTs on an object store), every few milliseconds;
+    # at most as many boundaries as the actor's memory plan can hold uncommitted rows for (planner:
+    # checkpoint_stretch). 0 = commit at every boundary
+    checkpoint_min_interval_s: float = 10.0
 
     def validate(self) -> None:
         check.positive("pool.scale_timeout_s", self.scale_timeout_s)

@@ -231,15 +231,21 @@ class BlockSink:
     def _flush_pending(self) -> None:
         if not self._pending:
             return
-        jb = JumpBatch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending, self._pending_rows = [], 0
+        batches, self._pending, self._pending_rows = self._pending, [], 0
+        jb = JumpBatch.cat(batches) if len(batches) > 1 else batches[0]
+        steps = _same_rows_every_step(batches)
+        if steps is not None:
+            # every step's batch holds the same chains, each block in one run: a block's rows are
+            # one column of the (step, chain) grid, already in (step, chain) order; no sort needed
+            grid = JumpBatch(*(t.reshape(len(batches), -1, *t.shape[1:]) for t in jb))
+            for b, s, e in steps:
+                self.writers[b].add(JumpBatch(*(t[:, s:e].reshape(-1, *t.shape[2:]) for t in grid)))
+            return
         # stable: within a block the rows stay in (step, chain) order
         order = torch.argsort(jb.block_id, stable=True)
         jb = JumpBatch(*(t[order] for t in jb))
-        blocks = jb.block_id.numpy()
-        cuts = [0, *(np.flatnonzero(np.diff(blocks)) + 1).tolist(), len(blocks)]
-        for s, e in zip(cuts[:-1], cuts[1:]):
-            self.writers[int(blocks[s])].add(JumpBatch(*(t[s:e] for t in jb)))
+        for b, s, e in _runs(jb.block_id):
+            self.writers[b].add(JumpBatch(*(t[s:e] for t in jb)))
 
     def _divergences(self, events: list[DivergenceEvent]) -> None:
         for b in sorted({int(e.block_id) for e in events}):
@@ -256,6 +262,23 @@ class BlockSink:
             writer_state = self.writers[b].checkpoint({**cur_t, **prev_t}, meta, step=msg.step)
             self._prev[b] = (msg.states[b], writer_state)
             self._publish(b, msg.status)
+
+
+def _runs(block_id: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(block, start, end) of each run of equal block ids."""
+    ids = block_id.numpy()
+    cuts = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), len(ids)]
+    return [(int(ids[s]), s, e) for s, e in zip(cuts[:-1], cuts[1:])]
+
+
+def _same_rows_every_step(batches: list[JumpBatch]) -> Optional[list[tuple[int, int, int]]]:
+    """The block runs shared by every batch (one engine step each), when every batch holds the same
+    block ids in the same order with each block in one run (no chain died in between); else None."""
+    first = batches[0].block_id
+    if any(len(b) != len(first) or not torch.equal(b.block_id, first) for b in batches[1:]):
+        return None
+    runs = _runs(first)
+    return runs if len({b for b, _, _ in runs}) == len(runs) else None
 
 
 class NullSink:
