@@ -88,7 +88,8 @@ def main() -> int:
     blocks = chain_blocks(args.chains, cfg.sampler.block_size)
     layout = split_layout(len(blocks), args.actors)
 
-    bare_all, _ = bare_rate(cfg, blocks, args.actors, args.steps)
+    # a wall rate only (several threads): a short run is enough, and a long one crawls on a busy machine
+    bare_all, _ = bare_rate(cfg, blocks, args.actors, min(args.steps, 1000))
     bare_one, bare_cpu = bare_rate(cfg, layout[0], 1, args.steps)
     print(f"bare engine, 1 process, {args.actors} threads, {args.chains} chains: {bare_all:,.0f} chain-steps/s")
     print(f"bare engine, 1 thread, {len(layout[0]) * 256} chains (one actor's blocks): {bare_one:,.0f} "
