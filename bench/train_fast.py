@@ -7,10 +7,11 @@ sets are then timed interleaved, ``--steps`` steps each per round for ``--rounds
 each set's rate is compared with the reference (float32 eager, for-loop AdamW: ``train.fast=off``)
 within the same round (median of the per-round ratios: the machine may be shared). Compile time
 (the warm-up step that compiles forward and backward) is reported, not counted; Inductor caches
-its kernels on disk, so a second run compiles in seconds.
+its kernels on disk, so a second run compiles in seconds (``--cold-cache``: a fresh cache).
 
     python bench/train_fast.py                          # one intra-op thread, like a Ray worker
     python bench/train_fast.py --threads 2 --no-compile
+    python bench/train_fast.py --cold-cache              # compile time as on a fresh machine
 
 Sets: off (reference), auto and on as resolved on this device, and the single options (bf16
 eager, float32 compiled, each with the fused AdamW). The last line is one JSON object.
@@ -24,6 +25,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 
@@ -71,8 +73,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a Ray worker has 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled sets")
+    p.add_argument("--cold-cache", action="store_true",
+                   help="compile into a fresh Inductor cache (the compile time of a fresh machine)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
+    if args.cold_cache:   # read by Inductor when it first compiles
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmgm-inductor-")
 
     import torch
 
@@ -120,7 +126,8 @@ def main(argv=None) -> int:
 
     result = {"config": args.config, "batch": cfg.train.batch_size, "threads": args.threads,
               "device": str(device), "steps_per_round": args.steps, "rounds": args.rounds,
-              "torch": torch.__version__, "cpu_count": os.cpu_count(), "load_average_start": round(load0[0], 2),
+              "cold_cache": args.cold_cache, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+              "load_average_start": round(load0[0], 2),
               "load_average_end": round(os.getloadavg()[0], 2), "sets": {}}
     print("median steps/s and ratio to off (float32 eager, for-loop AdamW) over rounds:")
     for name in sets:

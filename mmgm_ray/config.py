@@ -346,11 +346,11 @@ class TrainConfig:
     cudnn_benchmark: bool = False   # cuDNN autotuning: its pick, and the round-off, may change run to run
     # the training step's fast path (mmgm_ray.train.fast), named like sampler.fast: "auto" = fixed per
     # device type, never timed (CPU: float32 eager, fused AdamW; CUDA: bf16 when train.bf16, fused
-    # AdamW), "off" = float32 eager, for-loop AdamW, "on" = bf16 where native, compiled, fused AdamW.
+    # AdamW), "off" = float32 eager, for-loop AdamW, "on" = auto's set compiled (checked on the first batch).
     # The resolved set is recorded in every checkpoint and a resume reuses it. YAML on / off accepted.
     fast: Union[bool, Literal["auto", "on", "off"]] = "auto"
     autocast: Literal["auto", "float32", "bfloat16"] = "auto"  # the loss's dtype (weights, grads stay float32)
-    compile: Union[bool, Literal["auto", "on", "off"]] = "auto"  # torch.compile of the net (eager fallback, one warning)
+    compile: Union[bool, Literal["auto", "on", "off"]] = "auto"  # torch.compile of the net (eager fallback, warns)
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads on / off as booleans: keep the canonical strings (configs are compared on resume)

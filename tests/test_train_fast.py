@@ -1,5 +1,6 @@
 """The training step's fast path (mmgm_ray.train.fast, ``train.fast``): how the options resolve, that
-bf16 + compiled training reaches the GMM's Bayes denoiser like float32 does, the compile fallback,
+bf16 + compiled training reaches the GMM's Bayes denoiser like float32 does, the compile fallback
+(a compiler that fails or gives a wrong gradient),
 and that a resumed run keeps the options it started with."""
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def _models():
 
 def test_options_resolve_per_device_type_without_timing(monkeypatch):
     """auto: fused AdamW everywhere, float32 eager on a CPU, bf16 (train.bf16) on CUDA; off: the
-    reference; on: native low precision, compiled except energy models (double backward); the
-    explicit fields override. Nothing is measured: the CUDA cases run on a CPU-only machine."""
+    reference; on: auto's set compiled, except energy models (double backward); the explicit
+    fields override. Nothing is measured: the CUDA cases run on a CPU-only machine."""
     cfg, universal, energy = _models()
     monkeypatch.setattr(fast, "native_low_precision", lambda device: "bfloat16")
     tc = cfg.train
@@ -52,12 +53,13 @@ def test_options_resolve_per_device_type_without_timing(monkeypatch):
     assert resolve(device=CUDA) == TrainFastOptions("bfloat16", compile=False, fused_adamw=True)
     assert resolve(device=CUDA, bf16=False) == TrainFastOptions("float32", compile=False, fused_adamw=True)
     assert resolve(fast="off", autocast="bfloat16", compile="on") == fast.REFERENCE
-    assert resolve(fast="on") == TrainFastOptions("bfloat16", compile=True, fused_adamw=True)
-    assert resolve(fast="on", model=energy) == TrainFastOptions("bfloat16", compile=False, fused_adamw=True)
-    assert resolve(fast="on", autocast="float32", compile="off") == TrainFastOptions(fused_adamw=True)
-    assert resolve(autocast="bfloat16", compile="on") == TrainFastOptions("bfloat16", True, True)
-    monkeypatch.setattr(fast, "native_low_precision", lambda device: "float32")   # no native bf16
     assert resolve(fast="on") == TrainFastOptions("float32", compile=True, fused_adamw=True)
+    assert resolve(fast="on", device=CUDA) == TrainFastOptions("bfloat16", compile=True, fused_adamw=True)
+    assert resolve(fast="on", model=energy) == TrainFastOptions("float32", compile=False, fused_adamw=True)
+    assert resolve(fast="on", device=CUDA, autocast="float32", compile="off") == TrainFastOptions(fused_adamw=True)
+    assert resolve(autocast="bfloat16", compile="on") == TrainFastOptions("bfloat16", True, True)
+    monkeypatch.setattr(fast, "native_low_precision", lambda device: "float32")   # a GPU without bf16
+    assert resolve(fast="on", device=CUDA) == TrainFastOptions("float32", compile=True, fused_adamw=True)
 
 
 def test_config_fields_accept_yaml_on_off_and_name_bad_values():
@@ -106,26 +108,39 @@ def test_bf16_compiled_training_reaches_the_gmm_bayes_denoiser(tmp_path):
     assert 0.97 < ratio < 1.10, (mse_model, mse_oracle, ratio)
 
 
-def test_compile_failure_warns_once_and_trains_eager_on_the_same_curve(tmp_path, monkeypatch):
-    """A compiler that fails: one RuntimeWarning, the run trains eager, records ``compile=False``
-    and its curve is bitwise the eager run's (the warm-up step left no trace: RNG and grads)."""
-    class Broken(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
+class _NoCompiler(torch.nn.Module):
+    """What torch.compile returns where compiling fails (at the first call)."""
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
 
-        def forward(self, *args):
-            raise RuntimeError("no C++ compiler here\nlong traceback")
+    def forward(self, *args):
+        raise RuntimeError("no C++ compiler here\nlong traceback")
 
+
+class _HalfGradient(_NoCompiler):
+    """A miscompiled net: the forward is exact, the gradient half of it (the check must catch it)."""
+    def forward(self, *args):
+        out = self.net(*args)
+        return out.detach() + 0.5 * (out - out.detach())
+
+
+@pytest.mark.parametrize("compiler, why", [
+    (_NoCompiler, "RuntimeError: no C++ compiler here"),
+    (_HalfGradient, "ValueError: its gradient is 50.0% off the eager step's (tolerance 5%)")])
+def test_compile_failure_warns_once_and_trains_eager_on_the_same_curve(tmp_path, monkeypatch, compiler, why):
+    """A compiler that fails, or one whose gradient is wrong: one RuntimeWarning, the run trains
+    eager, records ``compile=False`` and its curve is bitwise the eager run's (the compile and
+    check steps left no trace: RNG and grads)."""
     eager = train_local(cpu_config("digits", *TINY, f"output={tmp_path}", "train.steps=10", "name=eager",
                                    "train.compile=off"), progress=False)
-    monkeypatch.setattr(torch, "compile", lambda net, **kw: Broken(net))
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: compiler(net))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         broken = train_local(cpu_config("digits", *TINY, f"output={tmp_path}", "train.steps=10", "name=broken",
                                         "train.compile=on"), progress=False)
     assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
-        "torch.compile of the training step failed (RuntimeError: no C++ compiler here); training eager"]
+        f"torch.compile of the training step failed ({why}); training eager"]
     assert torch.load(tmp_path / "broken" / "checkpoint" / "state.pt", weights_only=True)["fast_path"] == \
         {"autocast": "float32", "compile": False, "fused_adamw": True}
     assert [r["loss"] for r in read_metrics(str(tmp_path / "broken"))] == \
