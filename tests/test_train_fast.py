@@ -58,6 +58,9 @@ def test_options_resolve_per_device_type_without_timing(monkeypatch):
     assert resolve(fast="on", model=energy) == TrainFastOptions("float32", compile=False, fused_adamw=True)
     assert resolve(fast="on", device=CUDA, autocast="float32", compile="off") == TrainFastOptions(fused_adamw=True)
     assert resolve(autocast="bfloat16", compile="on") == TrainFastOptions("bfloat16", True, True)
+    # checkpoints written before the options were recorded resume with what the loop ran then
+    assert fast.legacy_options(tc, CPU) == fast.REFERENCE
+    assert fast.legacy_options(tc, CUDA) == TrainFastOptions("bfloat16", compile=False, fused_adamw=True)
     monkeypatch.setattr(fast, "native_low_precision", lambda device: "float32")   # a GPU without bf16
     assert resolve(fast="on", device=CUDA) == TrainFastOptions("float32", compile=True, fused_adamw=True)
 
