@@ -28,15 +28,17 @@ import sys
 import tempfile
 import time
 
+import torch
+
+from mmgm_ray.config import load_config
+from mmgm_ray.data import load_dataset
+from mmgm_ray.factory import build_score_model
+from mmgm_ray.train import fast
+from mmgm_ray.train.loop import batch_stream
+
 
 def build(cfg, ds, options, device):
     """A fresh model (seeded), its EMA, optimizer and data stream; compiled when ``options`` say so."""
-    import torch
-
-    from mmgm_ray.factory import build_score_model
-    from mmgm_ray.train import fast
-    from mmgm_ray.train.loop import batch_stream
-
     torch.manual_seed(cfg.seed)
     model = build_score_model(cfg, tuple(ds.event_shape)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -69,11 +71,6 @@ def optimizer_ms(cfg, ds, repeats: int = 20) -> dict:
     """Milliseconds per AdamW step alone, for-loop vs fused, timed interleaved on the model's
     parameters with gradients set: the part of a step the fused AdamW changes, measured without
     the rest of the step's noise."""
-    import torch
-
-    from mmgm_ray.factory import build_score_model
-    from mmgm_ray.train import fast
-
     model = build_score_model(cfg, tuple(ds.event_shape))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -90,6 +87,21 @@ def optimizer_ms(cfg, ds, repeats: int = 20) -> dict:
     return {name: round(statistics.median(ts), 3) for name, ts in times.items()}
 
 
+def interleaved(runs: dict, steps: int, rounds: int) -> tuple[dict, dict]:
+    """({set: [steps/s per round]}, {set: [rate / off's rate in that round]}): every set takes
+    ``steps`` steps in turn, ``rounds`` times, so a change of the machine's load hits all alike."""
+    rates = {k: [] for k in runs}
+    ratios = {k: [] for k in runs}
+    for r in range(rounds):
+        secs = {name: run(steps) for name, run in runs.items()}
+        for name, s in secs.items():
+            rates[name].append(steps / s)
+            ratios[name].append(secs["off"] / s)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {steps / s:.1f}" for k, s in secs.items())
+              + f" steps/s (load {os.getloadavg()[0]:.2f})", flush=True)
+    return rates, ratios
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="digits")
@@ -102,15 +114,8 @@ def main(argv=None) -> int:
                    help="compile into a fresh Inductor cache (the compile time of a fresh machine)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
-    if args.cold_cache:   # read by Inductor when it first compiles
+    if args.cold_cache:   # Inductor reads it whenever it looks for a cached kernel
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmgm-inductor-")
-
-    import torch
-
-    from mmgm_ray.config import load_config
-    from mmgm_ray.data import load_dataset
-    from mmgm_ray.factory import build_score_model
-    from mmgm_ray.train import fast
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -141,15 +146,7 @@ def main(argv=None) -> int:
 
     adamw = optimizer_ms(cfg, ds)
     print(f"  AdamW step alone: for-loop {adamw['for_loop']:.2f} ms, fused {adamw['fused']:.2f} ms", flush=True)
-    rates = {k: [] for k in sets}
-    ratios = {k: [] for k in sets}
-    for r in range(args.rounds):
-        secs = {name: run(args.steps) for name, run in runs.items()}
-        for name, s in secs.items():
-            rates[name].append(args.steps / s)
-            ratios[name].append(secs["off"] / s)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {args.steps / s:.1f}" for k, s in secs.items())
-              + f" steps/s (load {os.getloadavg()[0]:.2f})", flush=True)
+    rates, ratios = interleaved(runs, args.steps, args.rounds)
 
     result = {"config": args.config, "batch": cfg.train.batch_size, "threads": args.threads,
               "device": str(device), "steps_per_round": args.steps, "rounds": args.rounds,
@@ -166,8 +163,8 @@ def main(argv=None) -> int:
                                 "ratio_range": [round(min(ratios[name]), 3), round(max(ratios[name]), 3)],
                                 "compile_s": round(compile_s[name], 1) if sets[name].compile else None}
     result["adamw_step_ms"] = adamw
-    result["fast_on_over_fp32_eager"] = result["sets"]["on"]["ratio_to_off"]
-    result["fast_auto_over_fp32_eager"] = result["sets"]["auto"]["ratio_to_off"]
+    for mode in ("on", "auto"):   # None where --no-compile left the set out
+        result[f"fast_{mode}_over_fp32_eager"] = result["sets"].get(mode, {}).get("ratio_to_off")
     print(json.dumps(result))
     return 0
 
