@@ -19,10 +19,12 @@ eager, float32 compiled, each with the fused AdamW). The last line is one JSON o
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -115,7 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
     if args.cold_cache:   # Inductor reads it whenever it looks for a cached kernel
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmgm-inductor-")
+        cache = tempfile.mkdtemp(prefix="mmgm-inductor-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
