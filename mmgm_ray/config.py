@@ -334,7 +334,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True         # EMA decay min(ema_decay, (1+t)/(10+t)): short runs get a useful EMA
     ema_eval_batch: int = 256       # fixed held-out batch for the occasional EMA loss (0 = off)
-    bf16: bool = True               # autocast to bf16 on GPU (ignored on CPU)
+    bf16: bool = True               # autocast to bf16 on GPU under train.fast=auto (train.autocast: any device)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # in-process runs; Ray workers use their assigned device
     log_every: int = 50
     checkpoint_every: int = 500
@@ -344,8 +344,25 @@ class TrainConfig:
     allow_tf32: bool = False        # TF32 matmuls / convolutions on Ampere+ GPUs (faster, ~1e-3 relative error)
     cudnn_deterministic: bool = True  # only deterministic cuDNN algorithms
     cudnn_benchmark: bool = False   # cuDNN autotuning: its pick, and the round-off, may change run to run
+    # the training step's fast path (mmgm_ray.train.fast), named like sampler.fast: "auto" = fixed per
+    # device type, never timed (CPU: float32 eager, fused AdamW; CUDA: bf16 when train.bf16, fused
+    # AdamW), "off" = float32 eager, for-loop AdamW, "on" = auto's set compiled (checked on the first batch).
+    # The resolved set is recorded in every checkpoint and a resume reuses it. YAML on / off accepted.
+    fast: Union[bool, Literal["auto", "on", "off"]] = "auto"
+    autocast: Literal["auto", "float32", "bfloat16"] = "auto"  # the loss's dtype (weights, grads stay float32)
+    compile: Union[bool, Literal["auto", "on", "off"]] = "auto"  # torch.compile of the net (eager fallback, warns)
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads on / off as booleans: keep the canonical strings (configs are compared on resume)
+        for key in ("fast", "compile"):
+            value = getattr(self, key)
+            if isinstance(value, bool):
+                setattr(self, key, "on" if value else "off")
 
     def validate(self) -> None:
+        check.one_of("train.fast", self.fast, ["auto", "on", "off"])
+        check.one_of("train.compile", self.compile, ["auto", "on", "off"])
+        check.one_of("train.autocast", self.autocast, ["auto", "float32", "bfloat16"])
         check.positive("train.steps", self.steps)
         check.positive("train.batch_size", self.batch_size)
         check.positive("train.lr", self.lr)

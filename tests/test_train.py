@@ -292,6 +292,8 @@ def test_ray_mem2_two_ddp_workers_resume_continues_steps_and_curve(ray_session, 
     model, mcfg, info = load_artifact(str(out / "mem2" / "model.pt"))
     extra = dict(info["extra"])
     assert extra.pop("hardware")["device_type"] == "cpu"  # the device class the run was trained on
+    # the training step's options (train.fast=auto on a CPU), recorded for a resume
+    assert extra.pop("fast_path") == {"autocast": "float32", "compile": False, "fused_adamw": True}
     assert extra == {"step": 30, "world_size": 2} and mcfg.model.kind == "mem2"
     ref_model, _, _ = load_artifact(ref.artifact)
     for k, v in model.state_dict().items():

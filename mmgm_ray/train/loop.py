@@ -2,9 +2,10 @@
 
 It trains any learnable model of the math core through ``model.loss(x, generator)``
 (universal denoiser, MDAE, MEM^2, MUVB; the Poisson energy model, which has no previews): AdamW
-with linear warm-up, gradient clipping, an EMA copy of the weights updated every step, bf16
-autocast on GPU only, periodic preview chains (a short walk-jump run with the EMA model saved as a
-PNG grid), metrics as JSON lines, progress lines.
+with linear warm-up, gradient clipping, an EMA copy of the weights updated every step, the step's
+fast path (``train.fast``, ``mmgm_ray.train.fast``: autocast, compile, fused AdamW; recorded in
+every checkpoint and reused on resume), periodic preview chains (a short walk-jump run with the
+EMA model saved as a PNG grid), metrics as JSON lines, progress lines.
 
 Where it runs is abstracted by a :class:`Session`:
 
@@ -47,6 +48,7 @@ from mmgm_ray.factory import ARTIFACT_NAME, build_score_model, save_artifact
 from mmgm_ray.hardware import Precision, apply_precision, check_device_class, describe
 from mmgm_ray.images import save_grid
 from mmgm_ray.store.fsutil import atomic_write
+from mmgm_ray.train import fast
 from mmgm_ray.train.validate import validate_run
 from mmgm_ray.torchio import load_weights_only
 
@@ -99,8 +101,10 @@ def ema_decay_at(step: int, cfg: RunConfig) -> float:
 
 
 def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the DDP wrapper's ``module.`` level (``net.module.x`` -> ``net.x``), on the CPU."""
-    return {k.replace("net.module.", "net.", 1): v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    """State dict without the compiled module's ``_orig_mod.`` and the DDP wrapper's ``module.`` levels
+    (``net._orig_mod.module.x`` -> ``net.x``), on the CPU."""
+    return {k.replace("_orig_mod.", "").replace("net.module.", "net.", 1): v.detach().cpu().clone()
+            for k, v in model.state_dict().items()}
 
 
 def batch_stream(ds: ImageDataset, cfg: RunConfig, rank: int, world_size: int, start_step: int,
@@ -331,19 +335,20 @@ def training_loop(
     model.train()
     model.net = session.prepare_net(model.net)  # DDP wrapper under Ray Train with > 1 worker
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused AdamW on CUDA: one kernel for the whole update instead of a few per parameter tensor
-    # (the state dict is the same, so checkpoints move between fused and unfused runs)
-    opt = torch.optim.AdamW(params, lr=lr_at(start, cfg), betas=tuple(tc.adam_betas),
-                            weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    options = _fast_options(payload, cfg, model, device, is_main)
+    opt = fast.make_optimizer(params, tc, lr_at(start, cfg), options)
     if payload is not None:
         opt.load_state_dict(payload["optimizer"])
     del payload
 
-    use_bf16 = tc.bf16 and device.type == "cuda"  # bf16 autocast on GPU only; CPU stays fp32
     gen = torch.Generator(device=device)
     eval_x = ds.x[: tc.ema_eval_batch].to(device) if tc.ema_eval_batch > 0 else None
     metrics_out = MetricsWriter(run_dir, start, enabled=is_main)
     batches = batch_stream(ds, cfg, rank, world, start, device)
+    if options.compile:   # compiled on the first batch (the one shape it ever sees), then trained on it
+        first = next(batches)
+        options = fast.compile_net(model, options, first, device)
+        batches = itertools.chain([first], batches)
     ema_params = list(ema.parameters())
     if is_main and progress:
         print(f"[mmgm train] {cfg.name}: steps {start}->{tc.steps}, world size {world}, device {device}, "
@@ -366,15 +371,9 @@ def training_loop(
         gen.manual_seed(noise_seed(cfg.seed, rank, step))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model.loss(x, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        opt.step()
-        with torch.no_grad():  # EMA of every parameter, every step
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - ema_decay_at(step, cfg))
-        loss_sum += loss.detach().float()
+        loss, gnorm = fast.train_step(model, opt, params, ema_params, x, gen, tc.grad_clip,
+                                      1.0 - ema_decay_at(step, cfg), options, device)
+        loss_sum += loss.float()
         n_loss += 1
         step += 1
         if step == start + warm:
@@ -391,7 +390,7 @@ def training_loop(
                       "images_per_s": n_loss * tc.batch_size * world / max(now - t_window, 1e-9),
                       "start_step": start, "time": time.time()}
             if ckpt_now and eval_x is not None and is_main:
-                record["ema_loss"] = _ema_loss(ema, eval_x, cfg, device, use_bf16)
+                record["ema_loss"] = _ema_loss(ema, eval_x, cfg, device, options)
             loss_sum.zero_()
             n_loss = 0
             if is_main:
@@ -420,9 +419,11 @@ def training_loop(
                 payload = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                            "model": plain_state_dict(model), "ema": plain_state_dict(ema),
                            "optimizer": opt.state_dict(), "config": to_dict(cfg),
-                           "metrics": dict(last_record), "hardware": hardware}
+                           "metrics": dict(last_record), "hardware": hardware,
+                           "fast_path": options.as_dict()}
             session.report(dict(last_record), payload)
 
+    model.net = fast.uncompiled(model.net)   # the returned model holds the eager network
     steady = float("nan")
     if t_steady is not None and step > start + warm:
         steady = (step - start - warm) * tc.batch_size * world / max(time.perf_counter() - t_steady - excluded, 1e-9)
@@ -434,17 +435,36 @@ def training_loop(
         result.artifact = f"{run_dir}/{ARTIFACT_NAME}"
         result.model_hash = save_artifact(result.artifact, ema, cfg, event_shape,
                                           {"mean": mean, "std": std, "n": len(ds), "source": ds.source},
-                                          {"step": step, "world_size": world, "hardware": hardware})
+                                          {"step": step, "world_size": world, "hardware": hardware,
+                                           "fast_path": options.as_dict()})
         if progress:
             print(f"[mmgm train] wrote {result.artifact} (model hash {result.model_hash[:12]})", flush=True)
     return result
 
 
-def _ema_loss(ema, eval_x: torch.Tensor, cfg: RunConfig, device: torch.device, use_bf16: bool) -> float:
-    """EMA loss on a fixed batch with fixed noise: comparable across steps and runs."""
+def _ema_loss(ema, eval_x: torch.Tensor, cfg: RunConfig, device: torch.device,
+              options: fast.TrainFastOptions) -> float:
+    """EMA loss on a fixed batch with fixed noise, under the training step's autocast: comparable
+    across steps and runs."""
     g = torch.Generator(device=device).manual_seed(noise_seed(cfg.seed, 2**31 - 1, 0))
-    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with torch.no_grad(), fast.autocast(options, device):
         return float(ema.loss(eval_x, g))
+
+
+def _fast_options(payload: Optional[dict], cfg: RunConfig, model, device: torch.device,
+                  is_main: bool) -> fast.TrainFastOptions:
+    """The training step's options: the checkpoint's when resuming (the options decide the
+    round-off, so a resumed run continues with the set it started with), else resolved from
+    ``train.fast`` (``mmgm_ray.train.fast.resolve_train_options``: never timed)."""
+    if payload is None:
+        return fast.resolve_train_options(cfg.train, model, device)
+    if "fast_path" not in payload:   # written before the options were recorded
+        return fast.legacy_options(cfg.train, device)
+    recorded = fast.TrainFastOptions.from_dict(payload["fast_path"])
+    if is_main and recorded != fast.resolve_train_options(cfg.train, model, device):
+        print(f"[mmgm train] resuming with the checkpoint's fast-path options {recorded.as_dict()} "
+              f"(train.fast / autocast / compile apply to fresh runs)", file=sys.stderr, flush=True)
+    return recorded
 
 
 def _write_preview(ema, cfg: RunConfig, event_shape: tuple, ds: ImageDataset, device, run_dir: str,
