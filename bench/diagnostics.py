@@ -13,9 +13,12 @@ after the first) and cold on one thread. Reported per figure: the best time of e
 over repeats of the per-repeat ratio theirs / ours (>1: we are faster) and the largest relative
 disagreement of the values; also the ratios of CPU time (user + system, all threads), which
 depend less on how much of the machine other processes take. Our rank sorts (torch's radix sort)
-run on one thread whatever ``--workers``; the threads share the rest. ``summarize`` (every figure
-of one scalar from one sort of the draws and one of their folded values) is timed against the sum
-of arviz-stats' separate calls for the same figures. The last line printed is one JSON object.
+run on one thread whatever ``--workers``; meanwhile a second thread does the work that needs no
+order (a first call's normal-scores table and fresh buffers, the bulk figures during the folded
+sort) and the threads share the rest, so wall times gain from a second core only when it is
+free. ``summarize`` (every figure of one scalar from one sort of the draws and one of their
+folded values) is timed against the sum of arviz-stats' separate calls for the same figures.
+The last line printed is one JSON object.
 """
 from __future__ import annotations
 

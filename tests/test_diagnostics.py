@@ -345,13 +345,44 @@ def test_rank_normalization_is_bitwise_arviz(arviz_array_stats, workers):
 
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_folded_ranks_average_ties_across_the_fold(arviz_array_stats, workers):
+    # Draws symmetric about their median make every distance |x - median| twice, once on each side
+    # of it; integer draws make long runs of equal distances from both sides. Each run must share
+    # its average rank (scipy's rankdata) whichever side its members come from, so the folded
+    # z-scores are bitwise those of the rankdata definition and R-hat is arviz-stats' (rel 1e-12,
+    # the round-off of differently ordered sums). 300,000 draws: workers=2 runs the threaded path,
+    # the bulk R-hat computed while the folded draws are sorted.
+    from scipy.special import ndtri
+    from scipy.stats import rankdata
+    from mmgm_ray.diagnostics.mcmc import _Ranked
+    A, rng, n = arviz_array_stats, np.random.default_rng(11), 300_000
+    half, whole = rng.standard_normal(n // 2), rng.integers(1, 50, n // 2).astype(float)
+    cases = {"symmetric": rng.permutation(np.r_[half, -half]),
+             "symmetric-integers": 7.0 + rng.permutation(np.r_[whole, -whole]),
+             "integers": rng.integers(-5, 6, n).astype(float)}
+    for name, v in cases.items():
+        dist = np.abs(v - np.median(v))
+        assert np.unique(dist).size <= v.size // 2, name  # ties across the fold do occur
+        expected = ndtri((rankdata(dist) - 0.375) / (n + 0.25))
+        np.testing.assert_array_equal(_Ranked(v, workers).folded_z(), expected, err_msg=name)
+        x = v.reshape(100, n // 100)
+        kw = dict(chain_axis=0, draw_axis=1)
+        for method in ("rank", "folded"):
+            assert D.rhat(x, method, workers=workers) == pytest.approx(
+                A.rhat(x, method=method, **kw), rel=1e-12), (name, method)
+        assert D.summarize(x, workers=workers)["rhat_tail"] == pytest.approx(
+            A.rhat(x, method="folded", **kw), rel=1e-12), name
+
+
 def test_radix_ranks_use_narrow_keys_or_fall_back_exactly(monkeypatch):
     # 31-bit bucket keys serve draws of a moderate range; a range widened by outliers (cubed Cauchy
     # draws) puts most draws in a few buckets, so the 64-bit images are sorted instead. Either way
     # the order is numpy's stable argsort exactly (ties in position order, as average ranks need).
     from mmgm_ray.diagnostics import mcmc
     widths, real = [], mcmc._radix_argsort
-    monkeypatch.setattr(mcmc, "_radix_argsort", lambda k, s, o: (widths.append(8 * k.itemsize), real(k, s, o))[1])
+    monkeypatch.setattr(mcmc, "_radix_argsort",
+                        lambda k, s, o, *rest: (widths.append(8 * k.itemsize), real(k, s, o, *rest))[1])
     for name, v in tricky_vectors(np.random.default_rng(3), 100_000).items():
         widths.clear()
         np.testing.assert_array_equal(mcmc._argsort(v, 2)[0], np.argsort(v, kind="stable"), err_msg=name)

@@ -14,8 +14,10 @@ The order gives the bulk z-scores, the median and the tail-ESS indicators; the f
 z-scores are a second radix rank of |x - median|. The z-scores are bitwise arviz-stats'
 (``rankdata`` average ranks, then ``ndtri``), their table cached across scalars. At 10^4 chains
 x 10^3 draws the two sorts are most of R-hat's time and the FFT autocovariance a fifth of bulk
-ESS's. The sort runs on one thread (see :func:`_radix_argsort`); the key making, scatters and the
-chain-batched FFT run in ``workers`` threads (numpy and scipy release the GIL); every reduction
+ESS's. The sort runs on one thread (see :func:`_radix_argsort`) while a second thread does work
+that needs no order: the normal scores' table during the first sort (a first call's ``ndtri``),
+the bulk figures during the folded one. The key making, scatters and the chain-batched FFT run
+in ``workers`` threads (numpy and scipy release the GIL); every reduction
 is cut into pieces of fixed size and combined in a fixed order, so results do not depend on the
 thread count. Element-wise work goes in cache-sized pieces whose temporaries live in per-thread
 work arrays, and draw-sized buffers are pooled between calls: fresh memory costs page faults.
@@ -41,6 +43,7 @@ References
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -105,19 +108,30 @@ def _work(name: str, shape, dtype=np.float64) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
-def _parallel(fn: Callable, items: Iterable, workers: int) -> list:
-    """[fn(i) for i in items], the items cut into ``workers`` contiguous groups run by threads of a
-    persistent pool (numpy and scipy release the GIL in their loops). Callers give every item its
-    own output slice or combine the results in item order: no number depends on the threads."""
-    items = list(items)
-    if workers <= 1 or len(items) <= 1 or threading.current_thread().name.startswith(_THREAD_PREFIX):
-        return [fn(i) for i in items]
+def _in_pool() -> bool:
+    """Whether this thread is one of the pool's: work it hands out runs inline (no waiting on
+    the pool from inside it)."""
+    return threading.current_thread().name.startswith(_THREAD_PREFIX)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """The persistent pool, grown to ``workers`` threads."""
     with _POOL_LOCK:
         if _POOL[1] < workers:
             if _POOL[0] is not None:
                 _POOL[0].shutdown(wait=False)
             _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix=_THREAD_PREFIX), workers]
-        pool = _POOL[0]
+        return _POOL[0]
+
+
+def _parallel(fn: Callable, items: Iterable, workers: int) -> list:
+    """[fn(i) for i in items], the items cut into ``workers`` contiguous groups run by threads of a
+    persistent pool (numpy and scipy release the GIL in their loops). Callers give every item its
+    own output slice or combine the results in item order: no number depends on the threads."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1 or _in_pool():
+        return [fn(i) for i in items]
+    pool = _executor(workers)
     groups = [items[len(items) * g // workers:len(items) * (g + 1) // workers] for g in range(workers)]
     futures = [pool.submit(lambda grp: [fn(i) for i in grp], grp) for grp in groups if grp]
     return [res for fut in futures for res in fut.result()]
@@ -133,8 +147,25 @@ _SPARE: list[np.ndarray] = []  # draw-sized buffers kept between calls
 _SPARE_MAX = 6                 # what one call holds at once: two orders, two key pairs, distances
 
 
+_HUGE_ADVISED = 4 << 20  # numpy advises huge pages for arrays of at least this many bytes
+# MAP_POPULATE (Linux): the pages are made in one call, not one page fault each
+_MAP_FLAGS = ((mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+              if hasattr(mmap, "MAP_POPULATE") else None)
+
+
 def _fresh(n: int) -> np.ndarray:
-    return np.empty(n, dtype=np.uint64)
+    """A new uint64 buffer in an anonymous mapping of its own, not numpy's memory: numpy asks for
+    huge pages on large arrays, and where free ones are short (a long-running shared machine) the
+    kernel compacts memory inside the page faults. At 10^7 draws that cost 1-3 s of system time
+    in most first calls of R-hat in our measurements, against a steady 0.2 s for 4 KiB pages made
+    up front (first-call R-hat median 1.19 s against 2.98 s with numpy's memory). A plain mapping
+    gets huge pages only when the kernel has them ready. Below 4 MiB numpy asks for none, and its
+    memory costs no system call."""
+    size = max(n, 1) * 8
+    if size < _HUGE_ADVISED:
+        return np.empty(n, dtype=np.uint64)
+    buf = mmap.mmap(-1, size) if _MAP_FLAGS is None else mmap.mmap(-1, size, flags=_MAP_FLAGS)
+    return np.frombuffer(buf, dtype=np.uint64, count=n)
 
 
 class _Buffers:
@@ -145,21 +176,39 @@ class _Buffers:
 
     def __init__(self):
         self._taken: list[np.ndarray] = []
+        self._ready: list[np.ndarray] = []  # made by reserve(), not yet taken
 
     def __enter__(self) -> "_Buffers":
         return self
 
     def __exit__(self, *exc) -> None:
         with _POOL_LOCK:
-            _SPARE.extend(self._taken)
+            _SPARE.extend(self._taken + self._ready)
             _SPARE.sort(key=len, reverse=True)
             del _SPARE[_SPARE_MAX:]
-        self._taken = []
+        self._taken, self._ready = [], []
+
+    @staticmethod
+    def _smallest(pool: list[np.ndarray], n: int) -> np.ndarray | None:
+        """Pop the smallest buffer of ``pool`` holding n values (None if none); under the lock."""
+        fits = [i for i, b in enumerate(pool) if b.size >= n]
+        return pool.pop(min(fits, key=lambda i: pool[i].size)) if fits else None
+
+    def reserve(self, count: int, n: int) -> None:
+        """Have ``count`` buffers of n values ready for :meth:`take`: run alongside a sort, the
+        fresh ones' pages (~30 ms per 80 MB) are made on a core the sort leaves idle."""
+        for _ in range(count):
+            with _POOL_LOCK:
+                buf = self._smallest(_SPARE, n)
+            buf = _fresh(n) if buf is None else buf
+            with _POOL_LOCK:
+                self._ready.append(buf)
 
     def take(self, n: int) -> np.ndarray:
         with _POOL_LOCK:
-            fits = [i for i, b in enumerate(_SPARE) if b.size >= n]
-            buf = _SPARE.pop(min(fits, key=lambda i: _SPARE[i].size)) if fits else _fresh(n)
+            buf = self._smallest(self._ready, n)
+            buf = self._smallest(_SPARE, n) if buf is None else buf
+        buf = _fresh(n) if buf is None else buf
         self._taken.append(buf)
         return buf[:n]
 
@@ -273,22 +322,37 @@ def _bucket(v: np.ndarray, lo: float, scale: float, out: np.ndarray, clip: bool)
     np.copyto(out, t, casting="unsafe")  # truncation is floor for t >= 0
 
 
-def _radix_argsort(keys: np.ndarray, sorted_out: np.ndarray, order_out: np.ndarray) -> None:
+def _radix_argsort(keys: np.ndarray, sorted_out: np.ndarray, order_out: np.ndarray,
+                   alongside: Callable[[], object] | None = None, workers: int = 1) -> None:
     """Stable argsort of integer keys into the given buffers: torch's CPU sort, which for 1-D
     integer keys is a radix sort (linear; numpy's is a comparison sort). It runs on one thread:
     its OpenMP threads spin at a barrier per pass, which on cores shared with other processes
     cost 2-3x the one-thread time in our measurements. torch's thread count is restored after
-    (sorts from several threads take turns, as that count is process-wide)."""
-    with _TORCH_LOCK:
-        before = torch.get_num_threads()
-        if before != 1:
-            torch.set_num_threads(1)
-        try:
-            torch.sort(torch.from_numpy(keys), stable=True,
-                       out=(torch.from_numpy(sorted_out), torch.from_numpy(order_out)))
-        finally:
+    (sorts from several threads take turns, as that count is process-wide).
+
+    ``alongside`` (work that does not need this order) runs meanwhile in a pool thread when
+    ``workers`` > 1, so the sort's idle cores do it; inline before the sort otherwise. It has
+    finished when this returns."""
+    job = None
+    if alongside is not None:
+        if workers > 1 and not _in_pool():
+            job = _executor(workers).submit(alongside)
+        else:
+            alongside()
+    try:
+        with _TORCH_LOCK:
+            before = torch.get_num_threads()
             if before != 1:
-                torch.set_num_threads(before)
+                torch.set_num_threads(1)
+            try:
+                torch.sort(torch.from_numpy(keys), stable=True,
+                           out=(torch.from_numpy(sorted_out), torch.from_numpy(order_out)))
+            finally:
+                if before != 1:
+                    torch.set_num_threads(before)
+    finally:
+        if job is not None:
+            job.result()
 
 
 def _near(s: np.ndarray, workers: int) -> np.ndarray:
@@ -321,7 +385,8 @@ def _fix_runs(order: np.ndarray, runs: tuple | None, value_at: Callable) -> tupl
     return order, None if ties is None else (pos[ties[0]], pos[ties[1]])
 
 
-def _argsort(v: np.ndarray, workers: int = 1, take: Callable = _fresh) -> tuple[np.ndarray, tuple | None, np.ndarray | None]:
+def _argsort(v: np.ndarray, workers: int = 1, take: Callable = _fresh,
+             alongside: Callable[[], object] | None = None) -> tuple[np.ndarray, tuple | None, np.ndarray | None]:
     """Exact stable argsort of a NaN-free float64 vector, its runs of ties (first, last sorted
     position) and a free uint64 buffer of its size when the sort left one (else None).
 
@@ -329,9 +394,12 @@ def _argsort(v: np.ndarray, workers: int = 1, take: Callable = _fresh) -> tuple[
     rounding keeps the keys in the values' order). Values sharing a bucket (about 1% of 10^7
     normal draws) are re-sorted by :func:`_fix_runs`; when too many distinct values share one
     (outliers widen the range), the values' 64-bit order-preserving images are sorted instead.
-    ``take(n)`` gives the buffers."""
+    ``take(n)`` gives the buffers; ``alongside`` runs during the (first) radix sort, as in
+    :func:`_radix_argsort`, or before a numpy sort."""
     n = v.size
     if n > _MAX_RADIX or n < 2:
+        if alongside is not None:
+            alongside()
         order = np.argsort(v, kind="stable")
         s = v[order]
         return order, _runs(s[1:] == s[:-1]), None
@@ -346,7 +414,7 @@ def _argsort(v: np.ndarray, workers: int = 1, take: Callable = _fresh) -> tuple[
     order, pair = take(n).view(np.int64), take(n)
     key, s = pair.view(np.int32)[:n], pair.view(np.int32)[n:]  # one buffer, free after the sort
     _chunked(n, workers, lambda a, b: _bucket(v[a:b], lo, scale, key[a:b], clip))
-    _radix_argsort(key, s, order)
+    _radix_argsort(key, s, order, alongside, workers)
     near = _near(s, workers)
     if near.size <= n // _MAX_SHARED or np.count_nonzero(
             v[order[near]] != v[order[near + 1]]) <= n // _MAX_SHARED:  # few, or ties share keys
@@ -368,7 +436,7 @@ def _scores_table(m: int, size: int, workers: int = 1) -> np.ndarray:
     (m, size) only, so every scalar of a run shares them."""
     z = _Z_CACHE.get((m, size))
     if z is None:
-        z = np.empty(m)
+        z = _fresh(m).view(np.float64)
 
         def fill(lo, hi):  # rank - 3/8 = k + lo + 5/8 exactly: the same doubles as arviz-stats'
             np.add(_BASE_F[:hi - lo], lo + 0.625, out=z[lo:hi])
@@ -404,17 +472,24 @@ def _scores_sorted(m: int, size: int, ties: tuple | None, workers: int = 1) -> n
 class _Ranked:
     """One scalar's pooled draws (NaN-free), sorted once; gives z-scores, the median and counts
     below a value from that order, and the folded z-scores. Sorted values are read through the
-    order where needed, never gathered whole."""
+    order where needed, never gathered whole.
 
-    def __init__(self, flat: np.ndarray, workers: int = 1, take: Callable = _fresh):
+    The sort holds one core (:func:`_radix_argsort`); meanwhile a pool thread fills the normal
+    scores' table when it is not cached (a first call: ~0.2 s of ``ndtri`` at 10^7 draws) and
+    runs ``alongside``."""
+
+    def __init__(self, flat: np.ndarray, workers: int = 1, take: Callable = _fresh,
+                 alongside: Callable[[], object] | None = None):
         self.flat, self.workers, self.take = flat, workers, take
-        self.order, self.ties, self._spare = _argsort(flat, workers, take)
+        n = flat.size
+        table = None if (n, n) in _Z_CACHE else lambda: _scores_table(n, n)
+        jobs = [job for job in (table, alongside) if job is not None]
+        self.order, self.ties, self._spare = _argsort(
+            flat, workers, take, (lambda: [job() for job in jobs]) if jobs else None)
 
-    def _buffer(self, scratch: np.ndarray | None) -> np.ndarray:
-        """A float64 buffer of the draws' size whose contents may go: ``scratch``, else the sort's
-        spare buffer, else one from ``take``."""
-        if scratch is not None:
-            return scratch
+    def _buffer(self) -> np.ndarray:
+        """A float64 buffer of the draws' size whose contents may go: the sort's spare buffer,
+        else one from ``take``."""
         if self._spare is not None:
             buf, self._spare = self._spare.view(np.float64), None
             return buf
@@ -428,9 +503,9 @@ class _Ranked:
     def value_at(self, pos) -> np.ndarray:
         return self.flat[self.order[pos]]
 
-    def z(self, scratch: np.ndarray | None = None) -> np.ndarray:
-        """Rank-normalized draws, in the draws' layout (written into ``scratch`` when given)."""
-        out, w = self._buffer(scratch), self.workers
+    def z(self) -> np.ndarray:
+        """Rank-normalized draws, in the draws' layout."""
+        out, w = self._buffer(), self.workers
         z = _scores_table(out.size, out.size, w)
         _chunked(out.size, w, lambda lo, hi: out.__setitem__(self.order[lo:hi], z[lo:hi]))
         if self.ties is not None:  # patched in place: a copy of the table would cost more
@@ -453,19 +528,21 @@ class _Ranked:
             lo, hi = (mid + 1, hi) if (x <= v if inclusive else x < v) else (lo, mid)
         return lo
 
-    def folded_z(self, scratch: np.ndarray | None = None) -> np.ndarray:
-        """z-scores of |x - median| (Vehtari et al. 2021, sec. 4.2): the distances ranked by a
-        second radix sort, in the draws' layout. Merging the two runs the distances make in the
-        first order measured slower: it reads the draws through that order (random gathers).
-        ``scratch`` (contents lost) may hold the result; use the returned array."""
+    def folded_z(self, alongside: Callable[[], object] | None = None) -> np.ndarray:
+        """z-scores of |x - median| (Vehtari et al. 2021, sec. 4.2), in the draws' layout: the
+        distances ranked by a second radix sort, during which ``alongside`` runs (the bulk
+        figures, from :meth:`z`: then both cores work). Merging the two sorted runs that the
+        distances make in the first order instead measured no faster (0.11 s to gather the sorted
+        draws through the order, 0.13 s of cache-sized timsort merges, against 0.25 s for the
+        radix sort, at 10^7 draws) and added two draw-sized buffers."""
         n, w, m = self.flat.size, self.workers, self.median()
-        out = self._buffer(scratch)
         dist = self.take(n).view(np.float64)
         _chunked(n, w, lambda lo, hi: np.abs(np.subtract(self.flat[lo:hi], m, out=dist[lo:hi]), out=dist[lo:hi]))
         if not math.isfinite(m):  # half the draws infinite: inf - inf is NaN
-            out[:] = _z_scores_nan(dist, w)
-            return out
-        return _Ranked(dist, w, self.take).z(scratch=out)
+            if alongside is not None:
+                alongside()
+            return _z_scores_nan(dist, w)
+        return _Ranked(dist, w, self.take, alongside).z()
 
 
 def _z_scores_nan(v: np.ndarray, workers: int = 1) -> np.ndarray:
@@ -680,15 +757,17 @@ def _rhat_one(y: np.ndarray, method: str, workers: int) -> float:
     if method == "split":
         return _rhat_chains(sp)
     with _Buffers() as buffers:
-        r = _Ranked(sp.reshape(-1), workers, buffers.take)
-        if method == "folded":  # folded about the median of the split draws
-            return _rhat_chains(r.folded_z().reshape(sp.shape), workers)
-        z = r.z()
-        bulk = _rhat_chains(z.reshape(sp.shape), workers)
+        folds = method != "z_scale"  # then the folded draws' distances, order and keys: made meanwhile
+        r = _Ranked(sp.reshape(-1), workers, buffers.take,
+                    (lambda: buffers.reserve(3, sp.size)) if folds else None)
         if method == "z_scale":
-            return bulk
-        tail = _rhat_chains(r.folded_z(scratch=z).reshape(sp.shape), workers)
-    return max(bulk, tail)  # Python's max, as arviz-stats: NaN only when the bulk one is NaN
+            return _rhat_chains(r.z().reshape(sp.shape), workers)
+        bulk = []  # with "rank", computed while the folded draws are sorted (in one thread)
+        job = None if method == "folded" else lambda: bulk.append(_rhat_chains(r.z().reshape(sp.shape)))
+        tail = _rhat_chains(r.folded_z(job).reshape(sp.shape), workers)  # folded about the median
+    if method == "folded":
+        return tail
+    return max(bulk[0], tail)  # Python's max, as arviz-stats: NaN only when the bulk one is NaN
 
 
 def rhat(x, method: str = "rank", workers: int | None = None):
@@ -717,28 +796,35 @@ def _summary_one(y: np.ndarray, probs, workers: int) -> dict:
         return res
     res["mean"], res["sd"] = float(y.mean()), float(y.std(ddof=1))
     with _Buffers() as buffers:
-        _summary_ranked(y, _split_rows(y), probs, res, workers, buffers.take)
+        _summary_ranked(y, _split_rows(y), probs, res, workers, buffers)
     return res
 
 
-def _summary_ranked(y, sp, probs, res: dict, workers: int, take: Callable) -> None:
+def _summary_ranked(y, sp, probs, res: dict, workers: int, buffers: _Buffers) -> None:
     """The figures of :func:`_summary_one` that come from the chains: one sort of the draws, one
-    of their distances to the median."""
+    of their distances to the median (whose buffers are made during the first sort)."""
     c, n = y.shape
-    r = _Ranked(sp.reshape(-1), workers, take)
-    z = r.z().reshape(sp.shape)
-    res["ess_bulk"] = _ess_chains(z, workers=workers, constant=r.constant)
-    res["ess_mean"] = _ess_chains(sp, workers=workers)
-    res["mcse_mean"] = res["sd"] / math.sqrt(res["ess_mean"])
-    res["tau"] = c * n / _ess_chains(y, workers=workers)
-    if c >= 2:
-        res["rhat_bulk"] = _rhat_chains(z, workers)
-        res["rhat_split"] = _rhat_chains(sp, workers)
-        z = r.folded_z(scratch=z.reshape(-1)).reshape(sp.shape)
-        res["rhat_tail"] = _rhat_chains(z, workers)
+    r = _Ranked(sp.reshape(-1), workers, buffers.take,
+                (lambda: buffers.reserve(3, sp.size)) if c >= 2 else None)
+
+    def bulk(w: int) -> np.ndarray:  # the figures that need no folded draws; returns a free buffer
+        z = r.z().reshape(sp.shape)
+        res["ess_bulk"] = _ess_chains(z, workers=w, constant=r.constant)
+        res["ess_mean"] = _ess_chains(sp, workers=w)
+        res["mcse_mean"] = res["sd"] / math.sqrt(res["ess_mean"])
+        res["tau"] = c * n / _ess_chains(y, workers=w)
+        if c >= 2:
+            res["rhat_bulk"] = _rhat_chains(z, w)
+            res["rhat_split"] = _rhat_chains(sp, w)
+        return z
+
+    if c >= 2:  # the bulk figures are computed (in one thread) while the folded draws are sorted
+        ind = r.folded_z(lambda: bulk(1))
+        res["rhat_tail"] = _rhat_chains(ind.reshape(sp.shape), workers)
         res["rhat"] = max(res["rhat_bulk"], res["rhat_tail"])
+    else:
+        ind = bulk(workers).reshape(-1)
     # tail ESS: the split draws <= q are the first ones in sorted order (quantiles of all draws)
-    ind = z.reshape(-1)
     tail = []
     for q in np.quantile(y, probs):
         k = r.count_below(q, inclusive=True)
@@ -867,9 +953,9 @@ def nested_rhat(x, superchain_ids, method: str = "rank", workers: int | None = N
     shp = (1, *sp.shape[1:])
     for k in range(y.shape[0]):
         with _Buffers() as buffers:
-            r = _Ranked(sp[k].reshape(-1), w, buffers.take)
-            z = r.z()
-            bulk = _nested_core(z.reshape(shp), ids2)[0]
-            tail = _nested_core(r.folded_z(scratch=z).reshape(shp), ids2)[0]
-        out[k] = max(bulk, tail)
+            r = _Ranked(sp[k].reshape(-1), w, buffers.take, lambda: buffers.reserve(3, sp[k].size))
+            bulk = []  # computed while the folded draws are sorted
+            tail = _nested_core(r.folded_z(
+                lambda: bulk.append(_nested_core(r.z().reshape(shp), ids2)[0])).reshape(shp), ids2)[0]
+        out[k] = max(bulk[0], tail)
     return _out(out, dims)
